@@ -1,0 +1,16 @@
+"""ddpm_jax: denoising diffusion probabilistic models in JAX/Flax.
+
+The functional API (pure, jit-safe; see DESIGN.md for the conventions):
+
+  ddpm_jax.schedules   make_schedule, Schedule
+  ddpm_jax.diffusion   q_sample, q_sample_pair, q_posterior, conversions between ε, x_0, v, μ
+  ddpm_jax.objectives  the training losses, selected by name
+  ddpm_jax.bounds      the variational bound (negative ELBO) in nats and bits/dim
+  ddpm_jax.analytic    the exact optimal denoiser for Gaussian data
+"""
+
+from ddpm_jax import analytic, bounds, diffusion, objectives, schedules
+
+__version__ = "0.1.0"
+
+__all__ = ["analytic", "bounds", "diffusion", "objectives", "schedules", "__version__"]

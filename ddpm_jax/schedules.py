@@ -1,0 +1,182 @@
+"""Noise schedules for the forward process q(x_t | x_{t-1}) = N(√α_t x_{t-1}, (1 − α_t) I).
+
+Convention (DESIGN.md): the time index ``t`` runs over ``1..T`` and every array has length
+``T + 1``, indexed by ``t`` directly. Index 0 describes the data itself:
+
+    betas[0] = 0,   alphas[0] = 1,   alpha_bars[0] = ᾱ_0 = 1.
+
+A :class:`Schedule` is a pytree (``flax.struct.dataclass``): pass it as an argument to jitted
+functions. Only ``num_steps`` is static, so one compiled function serves every schedule with the
+same ``T``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict
+
+import flax.struct
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["Schedule", "make_schedule", "schedule_from_betas", "SCHEDULES", "register_schedule"]
+
+
+@flax.struct.dataclass
+class Schedule:
+    """Variance schedule β_1..β_T and the quantities derived from it.
+
+    Stored fields (each shape ``(T+1,)``, float):
+      betas:      β_t, with β_0 = 0.
+      alphas:     α_t = 1 − β_t, with α_0 = 1.
+      alpha_bars: ᾱ_t = ∏_{s=1}^t α_s, with ᾱ_0 = 1.
+      num_steps:  T (static: part of the pytree's structure, not a leaf).
+
+    Derived (properties, shape ``(T+1,)``, computed on use so they can never disagree with
+    the stored fields):
+      alpha_bars_prev:           ᾱ_{t−1}, with the value 1 at t = 0.
+      sqrt_alpha_bars:           √ᾱ_t.
+      sqrt_one_minus_alpha_bars: √(1 − ᾱ_t).
+      posterior_variance:        β̃_t = β_t (1 − ᾱ_{t−1}) / (1 − ᾱ_t), with β̃_0 = 0 (β̃_1 = 0 too).
+      snr:                       SNR_t = ᾱ_t / (1 − ᾱ_t), with SNR_0 = +inf.
+    """
+
+    betas: jnp.ndarray
+    alphas: jnp.ndarray
+    alpha_bars: jnp.ndarray
+    num_steps: int = flax.struct.field(pytree_node=False)
+
+    @property
+    def alpha_bars_prev(self) -> jnp.ndarray:
+        return jnp.concatenate([jnp.ones_like(self.alpha_bars[:1]), self.alpha_bars[:-1]])
+
+    @property
+    def sqrt_alpha_bars(self) -> jnp.ndarray:
+        return jnp.sqrt(self.alpha_bars)
+
+    @property
+    def sqrt_one_minus_alpha_bars(self) -> jnp.ndarray:
+        return jnp.sqrt(1.0 - self.alpha_bars)
+
+    @property
+    def sqrt_alphas(self) -> jnp.ndarray:
+        return jnp.sqrt(self.alphas)
+
+    @property
+    def posterior_variance(self) -> jnp.ndarray:
+        one_minus = 1.0 - self.alpha_bars
+        safe = jnp.where(one_minus > 0, one_minus, 1.0)
+        var = self.betas * (1.0 - self.alpha_bars_prev) / safe
+        return jnp.where(one_minus > 0, var, 0.0)
+
+    @property
+    def snr(self) -> jnp.ndarray:
+        one_minus = 1.0 - self.alpha_bars
+        safe = jnp.where(one_minus > 0, one_minus, 1.0)
+        return jnp.where(one_minus > 0, self.alpha_bars / safe, jnp.inf)
+
+
+def _check_num_steps(num_steps) -> int:
+    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)):
+        raise ValueError(f"num_steps must be an integer T >= 1, got {num_steps!r}")
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be an integer T >= 1, got T = {num_steps}")
+    return int(num_steps)
+
+
+def schedule_from_betas(betas, dtype=jnp.float32) -> Schedule:
+    """Builds a :class:`Schedule` from β_1..β_T.
+
+    Args:
+      betas: array-like of shape ``(T,)``: β_1..β_T, each strictly inside (0, 1).
+      dtype: floating dtype of the stored arrays. Products are taken in float64 NumPy first, so
+        ᾱ_t carries no accumulated float32 rounding.
+
+    Returns:
+      Schedule with arrays of shape ``(T+1,)`` (index 0 is the data: β_0 = 0, ᾱ_0 = 1).
+
+    Raises:
+      ValueError: if the array is empty or not 1-D, or some β_t is not in (0, 1) or not finite;
+        the message names the first offending t and its value.
+    """
+    b = np.asarray(betas, dtype=np.float64)
+    if b.ndim != 1 or b.shape[0] < 1:
+        raise ValueError(f"betas must be a 1-D array of length T >= 1, got shape {b.shape}")
+    bad = np.flatnonzero(~(np.isfinite(b) & (b > 0.0) & (b < 1.0)))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(
+            f"every beta_t must be in (0, 1); beta_{i + 1} = {b[i]!r} is not "
+            f"({bad.size} of {b.size} values out of range)"
+        )
+    full = np.concatenate([[0.0], b])
+    alphas = 1.0 - full
+    alpha_bars = np.cumprod(alphas)
+    return Schedule(
+        betas=jnp.asarray(full, dtype=dtype),
+        alphas=jnp.asarray(alphas, dtype=dtype),
+        alpha_bars=jnp.asarray(alpha_bars, dtype=dtype),
+        num_steps=int(b.shape[0]),
+    )
+
+
+def _linear_betas(num_steps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
+    """β_t evenly spaced from ``beta_start`` (t = 1) to ``beta_end`` (t = T) (Ho et al. 2020).
+
+    The source notebook uses 1e-4..0.1 with T = 200; the lecture 1e-4..0.02 with T = 1000.
+    """
+    return np.linspace(beta_start, beta_end, num_steps, dtype=np.float64)
+
+
+def _cosine_betas(num_steps: int, s: float = 0.008, max_beta: float = 0.999) -> np.ndarray:
+    """Nichol & Dhariwal (2021): ᾱ(t) = f(t)/f(0), f(t) = cos²(π/2 · (t/T + s)/(1 + s)),
+    β_t = min(1 − ᾱ(t)/ᾱ(t−1), ``max_beta``). The clipping keeps β_T below 1."""
+    steps = np.arange(num_steps + 1, dtype=np.float64) / num_steps
+    f = np.cos((steps + s) / (1.0 + s) * math.pi / 2.0) ** 2
+    abar = f / f[0]
+    return np.minimum(1.0 - abar[1:] / abar[:-1], max_beta)
+
+
+def _quadratic_betas(num_steps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
+    """√β_t evenly spaced from √beta_start to √beta_end (the DDPM code's 'quad' schedule)."""
+    return np.linspace(beta_start**0.5, beta_end**0.5, num_steps, dtype=np.float64) ** 2
+
+
+SCHEDULES: Dict[str, Callable[..., np.ndarray]] = {
+    "linear": _linear_betas,
+    "cosine": _cosine_betas,
+    "quadratic": _quadratic_betas,
+}
+
+
+def register_schedule(name: str, betas_fn: Callable[..., np.ndarray]) -> None:
+    """Adds a named schedule: ``betas_fn(num_steps, **kw)`` returns β_1..β_T, shape ``(T,)``."""
+    SCHEDULES[name] = betas_fn
+
+
+def make_schedule(name: str, num_steps: int, dtype=jnp.float32, **kw) -> Schedule:
+    """Builds a named schedule with T = ``num_steps`` steps.
+
+    Args:
+      name: ``'linear'`` (kw ``beta_start``, ``beta_end``), ``'cosine'`` (kw ``s``,
+        ``max_beta``), ``'quadratic'`` (kw ``beta_start``, ``beta_end``), or a name added with
+        :func:`register_schedule`.
+      num_steps: T >= 1.
+      dtype: dtype of the stored arrays.
+      **kw: the schedule's parameters.
+
+    Returns:
+      Schedule whose arrays have shape ``(T+1,)``.
+
+    Raises:
+      ValueError: unknown name (the message lists the known ones), T < 1, a keyword the
+        schedule does not take, or any β_t outside (0, 1).
+    """
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown schedule {name!r}; known schedules: {sorted(SCHEDULES)}")
+    num_steps = _check_num_steps(num_steps)
+    try:
+        betas = SCHEDULES[name](num_steps, **kw)
+    except TypeError as e:
+        raise ValueError(f"schedule {name!r}: {e}") from None
+    return schedule_from_betas(betas, dtype=dtype)
