@@ -35,10 +35,11 @@ __all__ = [
 def gaussian_posterior_x0(schedule: Schedule, mean, std, x_t, t):
     """(E[x_0 | x_t], Var[x_0 | x_t]) for x_0 ~ N(mean, std²).  x_t ``(B, ...)``, t ``(B,)`` in 0..T."""
     abar = extract(schedule.alpha_bars, t, x_t.shape)
+    one_minus = extract(schedule.one_minus_alpha_bars, t, x_t.shape)
     s2 = jnp.square(std)
-    v = abar * s2 + 1.0 - abar
+    v = abar * s2 + one_minus
     post_mean = mean + jnp.sqrt(abar) * s2 / v * (x_t - jnp.sqrt(abar) * mean)
-    return post_mean, s2 * (1.0 - abar) / v
+    return post_mean, s2 * one_minus / v
 
 
 def gaussian_data_denoiser(schedule: Schedule, mean, std, parameterisation: str = "eps"):
@@ -71,12 +72,10 @@ def gaussian_true_reverse_variance(schedule: Schedule, std) -> jnp.ndarray:
     σ*_t² = β̃_t + c_0(t)² Var[x_0 | x_t], c_0(t) = √ᾱ_{t−1} β_t / (1 − ᾱ_t); at t = 1 this is
     Var[x_0 | x_1]. Index 0 is set to 1 (unused). ``std`` must be a scalar.
     """
-    abar = schedule.alpha_bars
     s2 = jnp.square(std)
-    one_minus = jnp.where(abar < 1.0, 1.0 - abar, 1.0)
-    var_x0 = s2 * (1.0 - abar) / (abar * s2 + 1.0 - abar)
-    c0 = jnp.sqrt(schedule.alpha_bars_prev) * schedule.betas / one_minus
-    out = schedule.posterior_variance + jnp.square(c0) * var_x0
+    one_minus = schedule.one_minus_alpha_bars
+    var_x0 = s2 * one_minus / (schedule.alpha_bars * s2 + one_minus)
+    out = schedule.posterior_variance + jnp.square(schedule.posterior_coef_x0) * var_x0
     return out.at[0].set(1.0)
 
 
@@ -89,5 +88,5 @@ def gaussian_prior_kl(schedule: Schedule, mean, std, dim: int):
     """KL(q(x_T) ‖ N(0, I)) in nats for x_0 ~ N(mean, std² I_d) (scalars), q(x_T) = N(√ᾱ_T m, v_T)."""
     abar = schedule.alpha_bars[schedule.num_steps]
     m_t = jnp.sqrt(abar) * mean
-    v_t = abar * std**2 + 1.0 - abar
+    v_t = abar * std**2 + schedule.one_minus_alpha_bars[schedule.num_steps]
     return 0.5 * dim * (v_t + m_t**2 - 1.0 - jnp.log(v_t))

@@ -77,7 +77,7 @@ def q_mean_variance(schedule: Schedule, x0, t) -> Tuple[jnp.ndarray, jnp.ndarray
     Returns: (mean ``(B, ...)``, variance ``(B, 1, ..., 1)``).
     """
     mean = extract(schedule.sqrt_alpha_bars, t, x0.shape) * x0
-    var = extract(1.0 - schedule.alpha_bars, t, x0.shape)
+    var = extract(schedule.one_minus_alpha_bars, t, x0.shape)
     return mean, var
 
 
@@ -111,10 +111,7 @@ def posterior_mean_coefs(schedule: Schedule, t, x_shape):
     c_0 = √ᾱ_{t−1} β_t / (1 − ᾱ_t),   c_t = √α_t (1 − ᾱ_{t−1}) / (1 − ᾱ_t);  each ``(B, 1, ..., 1)``.
     At t = 1: c_0 = 1, c_t = 0 (μ̃_1 = x_0). Defined for t in 1..T.
     """
-    one_minus_abar = extract(1.0 - schedule.alpha_bars, t, x_shape)
-    c0 = extract(jnp.sqrt(schedule.alpha_bars_prev) * schedule.betas, t, x_shape) / one_minus_abar
-    ct = extract(jnp.sqrt(schedule.alphas) * (1.0 - schedule.alpha_bars_prev), t, x_shape) / one_minus_abar
-    return c0, ct
+    return extract(schedule.posterior_coef_x0, t, x_shape), extract(schedule.posterior_coef_xt, t, x_shape)
 
 
 def q_posterior(schedule: Schedule, x0, x_t, t) -> Tuple[jnp.ndarray, jnp.ndarray]:

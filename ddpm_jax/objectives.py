@@ -94,16 +94,16 @@ def elbo_weight(schedule: Schedule, t, parameterisation: str) -> jnp.ndarray:
     """
     b = schedule.betas[t]
     a = schedule.alphas[t]
-    abar = schedule.alpha_bars[t]
+    one_minus_abar = schedule.one_minus_alpha_bars[t]
     abar_prev = schedule.alpha_bars_prev[t]
     if parameterisation == "mean":
         return 1.0 / (2.0 * b)
     if parameterisation == "eps":
-        return b / (2.0 * a * (1.0 - abar))
+        return b / (2.0 * a * one_minus_abar)
     if parameterisation == "x0":
-        return abar_prev * b / (2.0 * (1.0 - abar) ** 2)
+        return abar_prev * b / (2.0 * one_minus_abar**2)
     if parameterisation == "v":
-        return abar_prev * b / (2.0 * (1.0 - abar))
+        return abar_prev * b / (2.0 * one_minus_abar)
     raise ValueError(f"unknown parameterisation {parameterisation!r}; expected one of {diffusion.PARAMETERISATIONS}")
 
 

@@ -26,54 +26,36 @@ __all__ = ["Schedule", "make_schedule", "schedule_from_betas", "SCHEDULES", "reg
 class Schedule:
     """Variance schedule β_1..β_T and the quantities derived from it.
 
-    Stored fields (each shape ``(T+1,)``, float):
-      betas:      β_t, with β_0 = 0.
-      alphas:     α_t = 1 − β_t, with α_0 = 1.
-      alpha_bars: ᾱ_t = ∏_{s=1}^t α_s, with ᾱ_0 = 1.
-      num_steps:  T (static: part of the pytree's structure, not a leaf).
+    Every array has shape ``(T+1,)`` and is indexed by t (index 0 describes the data). All are
+    computed once in float64 NumPy and then cast, so e.g. 1 − ᾱ_t keeps full relative precision
+    at small t even in float32 (where 1 − float32(ᾱ_1) would lose ~4 digits for β_1 = 1e-4).
 
-    Derived (properties, shape ``(T+1,)``, computed on use so they can never disagree with
-    the stored fields):
+      betas:                     β_t, β_0 = 0.
+      alphas:                    α_t = 1 − β_t, α_0 = 1.
+      alpha_bars:                ᾱ_t = ∏_{s=1}^t α_s, ᾱ_0 = 1.
       alpha_bars_prev:           ᾱ_{t−1}, with the value 1 at t = 0.
+      one_minus_alpha_bars:      1 − ᾱ_t.
       sqrt_alpha_bars:           √ᾱ_t.
       sqrt_one_minus_alpha_bars: √(1 − ᾱ_t).
-      posterior_variance:        β̃_t = β_t (1 − ᾱ_{t−1}) / (1 − ᾱ_t), with β̃_0 = 0 (β̃_1 = 0 too).
-      snr:                       SNR_t = ᾱ_t / (1 − ᾱ_t), with SNR_0 = +inf.
+      posterior_variance:        β̃_t = β_t (1 − ᾱ_{t−1}) / (1 − ᾱ_t); β̃_0 = β̃_1 = 0.
+      posterior_coef_x0:         c_0(t) = √ᾱ_{t−1} β_t / (1 − ᾱ_t)   (μ̃_t = c_0 x_0 + c_t x_t); 1 at t ≤ 1.
+      posterior_coef_xt:         c_t(t) = √α_t (1 − ᾱ_{t−1}) / (1 − ᾱ_t); 0 at t ≤ 1.
+      snr:                       SNR_t = ᾱ_t / (1 − ᾱ_t), SNR_0 = +inf.
+      num_steps:                 T (static: part of the pytree's structure, not a leaf).
     """
 
     betas: jnp.ndarray
     alphas: jnp.ndarray
     alpha_bars: jnp.ndarray
+    alpha_bars_prev: jnp.ndarray
+    one_minus_alpha_bars: jnp.ndarray
+    sqrt_alpha_bars: jnp.ndarray
+    sqrt_one_minus_alpha_bars: jnp.ndarray
+    posterior_variance: jnp.ndarray
+    posterior_coef_x0: jnp.ndarray
+    posterior_coef_xt: jnp.ndarray
+    snr: jnp.ndarray
     num_steps: int = flax.struct.field(pytree_node=False)
-
-    @property
-    def alpha_bars_prev(self) -> jnp.ndarray:
-        return jnp.concatenate([jnp.ones_like(self.alpha_bars[:1]), self.alpha_bars[:-1]])
-
-    @property
-    def sqrt_alpha_bars(self) -> jnp.ndarray:
-        return jnp.sqrt(self.alpha_bars)
-
-    @property
-    def sqrt_one_minus_alpha_bars(self) -> jnp.ndarray:
-        return jnp.sqrt(1.0 - self.alpha_bars)
-
-    @property
-    def sqrt_alphas(self) -> jnp.ndarray:
-        return jnp.sqrt(self.alphas)
-
-    @property
-    def posterior_variance(self) -> jnp.ndarray:
-        one_minus = 1.0 - self.alpha_bars
-        safe = jnp.where(one_minus > 0, one_minus, 1.0)
-        var = self.betas * (1.0 - self.alpha_bars_prev) / safe
-        return jnp.where(one_minus > 0, var, 0.0)
-
-    @property
-    def snr(self) -> jnp.ndarray:
-        one_minus = 1.0 - self.alpha_bars
-        safe = jnp.where(one_minus > 0, one_minus, 1.0)
-        return jnp.where(one_minus > 0, self.alpha_bars / safe, jnp.inf)
 
 
 def _check_num_steps(num_steps) -> int:
@@ -110,12 +92,31 @@ def schedule_from_betas(betas, dtype=jnp.float32) -> Schedule:
             f"({bad.size} of {b.size} values out of range)"
         )
     full = np.concatenate([[0.0], b])
-    alphas = 1.0 - full
-    alpha_bars = np.cumprod(alphas)
+    log_abar = np.cumsum(np.log1p(-full))
+    abar = np.exp(log_abar)
+    one_minus = -np.expm1(log_abar)  # 1 − ᾱ_t without cancellation
+    abar_prev = np.concatenate([[1.0], abar[:-1]])
+    one_minus_prev = np.concatenate([[0.0], one_minus[:-1]])
+    denom = np.where(one_minus > 0, one_minus, 1.0)
+    post_var = np.where(one_minus > 0, full * one_minus_prev / denom, 0.0)
+    coef_x0 = np.where(one_minus > 0, np.sqrt(abar_prev) * full / denom, 1.0)
+    coef_x0[1] = 1.0  # β_1 / (1 − ᾱ_1) = 1 exactly: μ̃_1 = x_0
+    coef_xt = np.where(one_minus > 0, np.sqrt(1.0 - full) * one_minus_prev / denom, 0.0)
+    with np.errstate(divide="ignore"):
+        snr = np.where(one_minus > 0, abar / denom, np.inf)
+    cast = lambda a: jnp.asarray(a, dtype=dtype)  # noqa: E731
     return Schedule(
-        betas=jnp.asarray(full, dtype=dtype),
-        alphas=jnp.asarray(alphas, dtype=dtype),
-        alpha_bars=jnp.asarray(alpha_bars, dtype=dtype),
+        betas=cast(full),
+        alphas=cast(1.0 - full),
+        alpha_bars=cast(abar),
+        alpha_bars_prev=cast(abar_prev),
+        one_minus_alpha_bars=cast(one_minus),
+        sqrt_alpha_bars=cast(np.sqrt(abar)),
+        sqrt_one_minus_alpha_bars=cast(np.sqrt(one_minus)),
+        posterior_variance=cast(post_var),
+        posterior_coef_x0=cast(coef_x0),
+        posterior_coef_xt=cast(coef_xt),
+        snr=cast(snr),
         num_steps=int(b.shape[0]),
     )
 
