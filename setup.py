@@ -14,7 +14,7 @@ setup(
     install_requires=[
         "jax>=0.4.35",
         "flax>=0.10",
-        "optax>=0.2.3",
+        "optax>=0.2.5",
         "orbax-checkpoint>=0.9",
         "numpy>=1.26",
         "tensorflow-datasets>=4.9.4",

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 from typing import Tuple
 
-import jax
 import jax.numpy as jnp
 
+from ddpm_jax import rng
 from ddpm_jax.schedules import Schedule
 
 __all__ = [
@@ -136,14 +136,14 @@ def q_sample_pair(schedule: Schedule, x0, t, key):
     with ``k_t, _ = jax.random.split(key)``, so objectives that share a key share x_t.
     At t = 1, x_{t−1} = x_0 exactly (β̃_1 = 0).
 
-    Args: x0 ``(B, ...)``; t ``(B,)`` in 1..T; key: a PRNG key.
+    Args: x0 ``(B, ...)``; t ``(B,)`` in 1..T; key: a PRNG key, or one per example (:mod:`ddpm_jax.rng`).
     Returns: (x_prev ``(B, ...)``, x_t ``(B, ...)``).
     """
-    k_t, k_prev = jax.random.split(key)
-    eps = jax.random.normal(k_t, x0.shape, x0.dtype)
+    k_t, k_prev = rng.split(key)
+    eps = rng.normal(k_t, x0.shape, x0.dtype)
     x_t = q_sample(schedule, x0, t, eps)
     mean, var = q_posterior(schedule, x0, x_t, t)
-    z = jax.random.normal(k_prev, x0.shape, x0.dtype)
+    z = rng.normal(k_prev, x0.shape, x0.dtype)
     return mean + jnp.sqrt(var) * z, x_t
 
 

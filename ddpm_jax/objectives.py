@@ -5,7 +5,9 @@ Every objective is a pure function
     loss, aux = objective(model_fn, schedule, x0, key, *, weighting=..., reduction=..., t=None)
 
 with ``model_fn(x_t, t) -> prediction`` (any callable: a bound Flax module, an analytic denoiser),
-``x0`` a batch ``(B, ...)`` and ``key`` a PRNG key. It returns the batch loss (mean over the batch
+``x0`` a batch ``(B, ...)`` and ``key`` a PRNG key — or one key per example
+(:func:`ddpm_jax.rng.per_example_keys`), which makes each example's draws independent of how the
+batch is split across devices. It returns the batch loss (mean over the batch
 of the per-example terms, a scalar) and ``aux = {'per_example': (B,), 't': (B,)}``.
 
 Time steps are drawn uniformly from 1..T inclusive unless ``t`` is given. All objectives split the
@@ -45,11 +47,9 @@ from __future__ import annotations
 import functools
 from typing import Callable, Dict, Tuple, Union
 
-import jax
 import jax.numpy as jnp
 
-from ddpm_jax import diffusion
-from ddpm_jax.diffusion import extract
+from ddpm_jax import diffusion, rng
 from ddpm_jax.schedules import Schedule
 
 __all__ = [
@@ -75,8 +75,8 @@ REDUCTIONS = ("sum", "mean")
 
 
 def sample_timesteps(key, batch_size: int, num_steps: int) -> jnp.ndarray:
-    """t ~ Uniform{1, ..., T} (T inclusive), shape ``(batch_size,)``, int32."""
-    return jax.random.randint(key, (batch_size,), 1, num_steps + 1, dtype=jnp.int32)
+    """t ~ Uniform{1, ..., T} (T inclusive), shape ``(batch_size,)``, int32 (key: one, or one per example)."""
+    return rng.randint(key, batch_size, 1, num_steps + 1)
 
 
 def elbo_weight(schedule: Schedule, t, parameterisation: str) -> jnp.ndarray:
@@ -128,14 +128,18 @@ def _reduce(sq: jnp.ndarray, reduction: str) -> jnp.ndarray:
 
 
 def _draw(schedule: Schedule, x0, key, t):
-    """Common randomness: (t, ε, k_prev). Same key -> same t and x_t in every objective."""
-    k_t, k_noise = jax.random.split(key)
+    """Common randomness: (t, ε, k_noise). Same key -> same t and x_t in every objective.
+
+    ``key`` is one key, or one key per example (:mod:`ddpm_jax.rng`), in which case example i's
+    draws depend on its key alone, however the batch is split across devices.
+    """
+    k_t, k_noise = rng.split(key)
     if t is None:
-        t = sample_timesteps(k_t, x0.shape[0], schedule.num_steps)
+        t = rng.randint(k_t, x0.shape[0], 1, schedule.num_steps + 1)
     else:
         t = jnp.broadcast_to(jnp.asarray(t, jnp.int32), (x0.shape[0],))
-    k_eps, _ = jax.random.split(k_noise)  # the split diffusion.q_sample_pair makes
-    eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
+    k_eps, _ = rng.split(k_noise)  # the split diffusion.q_sample_pair makes
+    eps = rng.normal(k_eps, x0.shape, x0.dtype)
     return t, eps, k_noise
 
 

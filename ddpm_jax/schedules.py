@@ -88,7 +88,7 @@ def schedule_from_betas(betas, dtype=jnp.float32) -> Schedule:
     if bad.size:
         i = int(bad[0])
         raise ValueError(
-            f"every beta_t must be in (0, 1); beta_{i + 1} = {b[i]!r} is not "
+            f"every beta_t must be in (0, 1); beta_{i + 1} = {float(b[i])!r} is not "
             f"({bad.size} of {b.size} values out of range)"
         )
     full = np.concatenate([[0.0], b])

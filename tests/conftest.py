@@ -6,9 +6,16 @@ JAX arrays for that test only (the rest of the suite runs in float32, as trainin
 
 import contextlib
 import os
+import tempfile
 
-import jax
-import pytest
+# A persistent XLA compilation cache shared by this session, its xdist workers and the
+# subprocesses tests start (they inherit the variable): the same U-Net train step compiled by
+# several tests is compiled once. Set before JAX is imported.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "ddpm_jax_test_xla_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_MNIST = os.path.join(os.path.dirname(REPO), "shared", "data", "mnist")

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from ddpm_jax import analytic, bounds, diffusion, schedules
+from ddpm_jax import analytic, bounds, schedules
 
 T = 200
 N = 2**15

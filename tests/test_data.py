@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from ddpm_jax import data
+from helpers import DOTTED_NAMES, STD_NAMES, idx_bytes, make_raw, write_dir, write_idx
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_MNIST = os.path.join(os.path.dirname(REPO), "shared", "data", "mnist")
@@ -23,59 +24,6 @@ SHARED_MNIST = os.path.join(os.path.dirname(REPO), "shared", "data", "mnist")
 # ------------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------------
-
-
-def idx_bytes(arr: np.ndarray, type_code: int = 0x08) -> bytes:
-    """Encodes an array as IDX (big-endian header and payload)."""
-    codes = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-    dtype = codes[type_code]
-    header = bytes([0, 0, type_code, arr.ndim]) + np.asarray(arr.shape, dtype=">u4").tobytes()
-    return header + np.ascontiguousarray(arr, dtype=dtype).tobytes()
-
-
-def write_idx(path, arr, gz=None, type_code=0x08):
-    payload = idx_bytes(arr, type_code)
-    gz = str(path).endswith(".gz") if gz is None else gz
-    with open(path, "wb") as f:
-        f.write(gzip.compress(payload) if gz else payload)
-    return str(path)
-
-
-def make_raw(n_train=30, n_test=10, h=5, w=4, seed=0):
-    rng = np.random.default_rng(seed)
-    return {
-        "train_images": rng.integers(0, 256, (n_train, h, w), dtype=np.uint8),
-        "train_labels": rng.integers(0, 10, (n_train,), dtype=np.uint8),
-        "test_images": rng.integers(0, 256, (n_test, h, w), dtype=np.uint8),
-        "test_labels": rng.integers(0, 10, (n_test,), dtype=np.uint8),
-    }
-
-
-STD_NAMES = {
-    "train_images": "train-images-idx3-ubyte",
-    "train_labels": "train-labels-idx1-ubyte",
-    "test_images": "t10k-images-idx3-ubyte",
-    "test_labels": "t10k-labels-idx1-ubyte",
-}
-DOTTED_NAMES = {
-    "train_images": "train-images.idx3-ubyte",
-    "train_labels": "train-labels.idx1-ubyte",
-    "test_images": "t10k-images.idx3-ubyte",
-    "test_labels": "t10k-labels.idx1-ubyte",
-}
-
-
-def write_dir(directory, raw, names=STD_NAMES, suffix=".gz"):
-    os.makedirs(directory, exist_ok=True)
-    for key, base in names.items():
-        write_idx(os.path.join(directory, base + suffix), raw[key])
-    return str(directory)
-
-
-def as_arrays(raw):
-    return {
-        k: (v[..., None] if k.endswith("images") else v.astype(np.int32)) for k, v in raw.items()
-    }
 
 
 # ------------------------------------------------------------------------------------------------

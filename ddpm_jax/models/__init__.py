@@ -38,6 +38,8 @@ __all__ = [
     "check_config",
     "check_image_shape",
     "MIN_IMAGE_SIZE",
+    "TIME_INPUTS",
+    "make_model_fn",
 ]
 
 #: Channel widths of the source notebook's three sizes.
@@ -124,3 +126,29 @@ def count_params(params) -> Tuple[int, int]:
         if _label(path) != "frozen":
             trainable += n
     return total, trainable
+
+
+#: How the integer step t is fed to the network: 'index' passes t itself (the notebook),
+#: 'fraction' passes t / T (so the Fourier features vary smoothly in t).
+TIME_INPUTS = ("index", "fraction")
+
+
+def make_model_fn(apply_fn, params, *, time_input: str = "index", num_steps: int = 1):
+    """The ``model_fn(x_t, t) -> prediction`` that losses and samplers take.
+
+    Args:
+      apply_fn: e.g. ``model.apply``.
+      params: the ``params`` collection.
+      time_input: see :data:`TIME_INPUTS`.
+      num_steps: T (used by 'fraction').
+
+    Returns: ``model_fn(x (B, H, W, C), t (B,) int) -> (B, H, W, C)``.
+    """
+    if time_input not in TIME_INPUTS:
+        raise ValueError(f"unknown time_input {time_input!r}; expected one of {TIME_INPUTS}")
+    scale = 1.0 / num_steps if time_input == "fraction" else 1.0
+
+    def model_fn(x, t):
+        return apply_fn({"params": params}, x, jnp.asarray(t, jnp.float32) * scale)
+
+    return model_fn

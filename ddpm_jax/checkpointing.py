@@ -1,0 +1,108 @@
+"""Orbax checkpoints of the training state, with the run's metadata beside them.
+
+Layout of a workdir:
+
+    workdir/config.json             the run's config (written once, compared on resume)
+    workdir/checkpoints/<step>/     state (params, opt_state, ema_params, step, rng) + meta JSON
+
+Orbax writes each checkpoint to a temporary directory and renames it when complete, so a run
+killed mid-save leaves the previous checkpoints intact and resumes from the last complete one.
+The data position is the step itself (batches are a function of (seed, step)); ``meta`` records
+it as (epoch, step-in-epoch) for humans.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, Optional, Tuple
+
+import jax
+import orbax.checkpoint as ocp
+
+__all__ = ["Checkpointer", "CheckpointError", "write_config_json", "read_config_json"]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be restored into this run (different model, or corrupt)."""
+
+
+def write_config_json(workdir: str, config_dict: Dict[str, Any]) -> str:
+    path = os.path.join(workdir, "config.json")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(config_dict, f, indent=2, sort_keys=True, default=str)
+    os.replace(tmp, path)
+    return path
+
+
+def read_config_json(workdir: str) -> Optional[Dict[str, Any]]:
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+class Checkpointer:
+    """Saves every ``every_steps`` steps (and when forced), keeps the last ``keep``.
+
+    Args:
+      directory: where checkpoints go (created if missing).
+      every_steps: save interval; ``save(step, ..., force=True)`` saves regardless.
+      keep: how many recent checkpoints to keep.
+    """
+
+    def __init__(self, directory: str, *, every_steps: int, keep: int):
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every_steps, create=True)
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+
+    def latest_step(self) -> Optional[int]:
+        return self._manager.latest_step()
+
+    def all_steps(self):
+        return list(self._manager.all_steps())
+
+    def save(self, step: int, state, meta: Dict[str, Any], *, force: bool = False) -> bool:
+        """Starts an (asynchronous) save; returns whether one was started."""
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        return self._manager.save(int(step), args=args, force=force)
+
+    def restore(self, target, step: Optional[int] = None) -> Tuple[Any, Dict[str, Any]]:
+        """Restores ``step`` (default: the latest) into the structure, shapes and shardings of
+        ``target`` (a state or its ``jax.eval_shape``). Raises :class:`CheckpointError` with
+        one line naming the problem if it does not fit."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"no checkpoint in {self.directory}")
+        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
+        try:
+            restored = self._manager.restore(step, args=args)
+        except Exception as e:  # orbax raises several types for a tree/shape mismatch or a bad file
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(
+                f"cannot restore checkpoint step {step} from {self.directory}: {first[:300]} "
+                "(was it written by a different model or config? use a new --workdir)"
+            ) from e
+        _check_shapes(restored.state, abstract, step, self.directory)
+        return restored.state, dict(restored.meta or {})
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+def _check_shapes(restored, abstract, step, directory):
+    got = jax.tree_util.tree_leaves(restored)
+    want = jax.tree_util.tree_leaves(abstract)
+    for g, w in zip(got, want):
+        if tuple(g.shape) != tuple(w.shape):
+            raise CheckpointError(
+                f"checkpoint step {step} in {directory} holds an array of shape {tuple(g.shape)} where this "
+                f"model has {tuple(w.shape)}: it was written by a different model; use a new --workdir"
+            )

@@ -1,0 +1,161 @@
+"""Validation of a training config (``configs/*.py``), once, before any data or compile.
+
+Every problem raises :class:`ConfigError` (a ``ValueError``) with one line that names the key,
+e.g. ``config.train.batch_size = 0: must be an integer >= 1``.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+from ddpm_jax import data, objectives, sampling, schedules
+
+__all__ = ["ConfigError", "validate_config", "REQUIRED_KEYS"]
+
+#: Keys the rest of the project relies on (DESIGN.md / the training issue).
+REQUIRED_KEYS = (
+    "seed",
+    "data.source",
+    "data.name",
+    "data.path",
+    "data.scale",
+    "data.train_size",
+    "data.val_size",
+    "schedule.name",
+    "schedule.num_steps",
+    "model.preset",
+    "model.time_input",
+    "objective.name",
+    "objective.weighting",
+    "objective.reduction",
+    "optim.learning_rate",
+    "train.batch_size",
+    "train.num_epochs",
+    "train.num_steps",
+    "train.ema_decay",
+    "train.parallel",
+    "sampling.method",
+    "checkpoint.every_steps",
+    "checkpoint.keep",
+)
+
+TIME_INPUTS = ("index", "fraction")
+PARALLEL = ("jit", "pmap")
+
+
+class ConfigError(ValueError):
+    """A config value is missing or out of range; the message names the key."""
+
+
+def _get(config, dotted: str):
+    node = config
+    for part in dotted.split("."):
+        try:
+            node = node[part]
+        except (KeyError, AttributeError, TypeError):
+            raise ConfigError(f"config.{dotted} is missing") from None
+    return node
+
+
+def _int(config, key, minimum=None, maximum=None):
+    v = _get(config, key)
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise ConfigError(f"config.{key} = {v!r}: must be an integer")
+    if minimum is not None and v < minimum:
+        raise ConfigError(f"config.{key} = {v}: must be >= {minimum}")
+    if maximum is not None and v > maximum:
+        raise ConfigError(f"config.{key} = {v}: must be <= {maximum}")
+    return int(v)
+
+
+def _float(config, key, low=None, high=None, low_open=False, high_open=False):
+    v = _get(config, key)
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise ConfigError(f"config.{key} = {v!r}: must be a number")
+    v = float(v)
+    bad_low = low is not None and (v <= low if low_open else v < low)
+    bad_high = high is not None and (v >= high if high_open else v > high)
+    if bad_low or bad_high or v != v:
+        lo = "(" if low_open else "["
+        hi = ")" if high_open else "]"
+        raise ConfigError(f"config.{key} = {v}: must be in {lo}{low if low is not None else '-inf'}, {high if high is not None else 'inf'}{hi}")
+    return v
+
+
+def _choice(config, key, choices):
+    v = _get(config, key)
+    if v not in choices:
+        raise ConfigError(f"config.{key} = {v!r}: must be one of {sorted(choices)}")
+    return v
+
+
+def validate_config(config) -> None:
+    """Checks every key's type and range, and the combinations that must agree.
+
+    Raises:
+      ConfigError: the first problem found, naming its key.
+    """
+    for key in REQUIRED_KEYS:
+        _get(config, key)
+    _int(config, "seed", minimum=0)
+
+    source = _choice(config, "data.source", data.SOURCES)
+    if source == "idx" and not _get(config, "data.path"):
+        raise ConfigError("config.data.path is empty: data.source='idx' needs the directory of IDX files")
+    _choice(config, "data.scale", data.SCALES)
+    _int(config, "data.train_size", minimum=1)
+    _int(config, "data.val_size", minimum=0)
+
+    # The schedule is cheap to build: build it, and report its own error under the config key.
+    sched_kw = {k: v for k, v in _get(config, "schedule").items() if k not in ("name", "num_steps")}
+    T = _int(config, "schedule.num_steps", minimum=1)
+    try:
+        schedules.make_schedule(_get(config, "schedule.name"), T, **sched_kw)
+    except ValueError as e:
+        raise ConfigError(f"config.schedule: {e}") from None
+
+    from ddpm_jax.models import PRESETS  # the model module imports flax; keep it local
+
+    _choice(config, "model.preset", PRESETS)
+    _int(config, "model.embed_dim", minimum=2)
+    _int(config, "model.num_groups", minimum=1)
+    _float(config, "model.fourier_scale", low=0.0, low_open=True)
+    _choice(config, "model.time_input", TIME_INPUTS)
+    rho = _get(config, "model.rho_head")
+    if not isinstance(rho, bool):
+        raise ConfigError(f"config.model.rho_head = {rho!r}: must be True or False")
+
+    name = _choice(config, "objective.name", objectives.OBJECTIVES)
+    _choice(config, "objective.weighting", objectives.WEIGHTINGS)
+    _choice(config, "objective.reduction", objectives.REDUCTIONS)
+    if rho and objectives.PREDICTS[name] != "mean":
+        raise ConfigError(
+            f"config.model.rho_head = True, but objective {name!r} predicts {objectives.PREDICTS[name]!r}: "
+            "the ρ-head outputs a reverse mean, so use it with objective 'mean' or 'xprev'"
+        )
+
+    _float(config, "optim.learning_rate", low=0.0, low_open=True)
+    _float(config, "optim.rho_learning_rate", low=0.0, low_open=True)
+    _float(config, "optim.b1", 0.0, 1.0, high_open=True)
+    _float(config, "optim.b2", 0.0, 1.0, high_open=True)
+    _float(config, "optim.eps", low=0.0)
+    _float(config, "optim.decay_factor", 0.0, 1.0, low_open=True)
+    _int(config, "optim.decay_every_epochs", minimum=0)
+    _int(config, "optim.warmup_steps", minimum=0)
+    _float(config, "optim.grad_clip_norm", low=0.0)
+
+    _int(config, "train.batch_size", minimum=1)
+    num_steps = _int(config, "train.num_steps", minimum=0)
+    _int(config, "train.num_epochs", minimum=0 if num_steps > 0 else 1)
+    _float(config, "train.ema_decay", 0.0, 1.0, high_open=True)
+    _choice(config, "train.parallel", PARALLEL)
+    _int(config, "train.log_every_steps", minimum=1)
+    _int(config, "train.eval_every_epochs", minimum=0)
+    _int(config, "train.sample_every_epochs", minimum=0)
+    _int(config, "train.num_grid_samples", minimum=1)
+
+    _choice(config, "sampling.method", sampling.METHODS)
+    _choice(config, "sampling.ddpm_variance", sampling.DDPM_VARIANCES)
+
+    _int(config, "checkpoint.every_steps", minimum=1)
+    _int(config, "checkpoint.keep", minimum=1)

@@ -1,0 +1,168 @@
+"""The pure training and evaluation steps, and their data-parallel forms.
+
+``train_step(state, schedule, batch)`` is one pure function; :class:`Parallel` runs it either
+under ``jax.jit`` with the batch sharded over a 1-D device mesh (the default: XLA inserts the
+gradient all-reduce) or under ``jax.pmap`` with an explicit ``lax.pmean`` of the gradients.
+
+Randomness is drawn per example from ``fold_in(fold_in(state.rng, state.step), example_id)``,
+where ``example_id`` is the example's position in the *global* batch. The noise an example sees
+therefore does not depend on how the batch is split, and every parallel form computes the same
+update as one device on the same global batch (up to float reduction order).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from ddpm_jax import data, rng
+from ddpm_jax.models import make_model_fn
+from ddpm_jax.schedules import Schedule
+from ddpm_jax.train_state import TrainState, ema_decay_at, ema_update
+
+__all__ = ["StepConfig", "train_step", "eval_step", "Parallel"]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """Static pieces of the step (hashable, closed over; not traced).
+
+    apply_fn: the network's ``apply``; loss_fn: an objective from ``objectives.get_objective``;
+    tx: the optimiser; ema_decay: target EMA decay; time_input: 'index' | 'fraction'.
+    """
+
+    apply_fn: Callable
+    loss_fn: Callable
+    tx: optax.GradientTransformation
+    ema_decay: float
+    time_input: str = "index"
+
+
+def _loss_and_grads(cfg: StepConfig, params, schedule: Schedule, batch, keys):
+    def loss(p):
+        model_fn = make_model_fn(cfg.apply_fn, p, time_input=cfg.time_input, num_steps=schedule.num_steps)
+        return cfg.loss_fn(model_fn, schedule, batch, keys)
+
+    (value, aux), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    return value, aux, grads
+
+
+def train_step(cfg: StepConfig, state: TrainState, schedule: Schedule, batch, *, axis_name: Optional[str] = None) -> Tuple[TrainState, Dict[str, jnp.ndarray]]:
+    """One optimiser update on a batch ``(B, H, W, C)`` (the global batch, or under ``pmap``
+    this device's slice, with ``axis_name`` naming the device axis).
+
+    Returns the new state and metrics {'loss', 'grad_norm'} (scalars).
+    """
+    b = batch.shape[0]
+    offset = jax.lax.axis_index(axis_name) * b if axis_name else 0
+    keys = rng.per_example_keys(jax.random.fold_in(state.rng, state.step), offset + jnp.arange(b))
+    loss, _, grads = _loss_and_grads(cfg, state.params, schedule, batch, keys)
+    if axis_name:
+        grads = jax.lax.pmean(grads, axis_name)
+        loss = jax.lax.pmean(loss, axis_name)
+    updates, opt_state = cfg.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = ema_update(state.ema_params, params, ema_decay_at(state.step, cfg.ema_decay))
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
+    return new_state, {"loss": loss, "grad_norm": optax.tree_utils.tree_norm(grads)}
+
+
+def eval_step(cfg: StepConfig, params, schedule: Schedule, batch, mask, key, example_ids) -> Dict[str, jnp.ndarray]:
+    """Sum of per-example losses over the examples with ``mask`` 1, and their count.
+
+    ``key`` is fixed across evaluations, with one key per example (``example_ids`` = the
+    examples' indices in the evaluation set), so the same example always sees the same t and
+    noise and validation losses are comparable between epochs.
+    """
+    keys = rng.per_example_keys(key, example_ids)
+    model_fn = make_model_fn(cfg.apply_fn, params, time_input=cfg.time_input, num_steps=schedule.num_steps)
+    _, aux = cfg.loss_fn(model_fn, schedule, batch, keys)
+    return {"loss_sum": jnp.sum(aux["per_example"] * mask), "count": jnp.sum(mask)}
+
+
+class Parallel:
+    """Runs the steps over all devices: ``mode='jit'`` (sharded batch on a 1-D mesh, replicated
+    state) or ``mode='pmap'`` (state replicated with a leading device axis).
+
+    Host-side code deals only with global NumPy batches and with state in its plain (jit) form;
+    this class places them on devices and back.
+    """
+
+    def __init__(self, cfg: StepConfig, *, mode: str = "jit", mesh=None):
+        if mode not in ("jit", "pmap"):
+            raise ValueError(f"unknown parallel mode {mode!r}; expected 'jit' or 'pmap'")
+        self.cfg = cfg
+        self.mode = mode
+        self.mesh = mesh if mesh is not None else data.make_mesh()
+        self.num_devices = self.mesh.devices.size
+        self.replicated = NamedSharding(self.mesh, P())
+        self.sharded = NamedSharding(self.mesh, P(data.DATA_AXIS))
+        if mode == "jit":
+            self._train = jax.jit(functools.partial(train_step, cfg), donate_argnums=(0,), out_shardings=(self.replicated, self.replicated))
+        else:
+            self._train = jax.pmap(
+                functools.partial(train_step, cfg, axis_name=data.DATA_AXIS),
+                axis_name=data.DATA_AXIS, in_axes=(0, None, 0), donate_argnums=(0,),
+            )
+        self._eval = jax.jit(functools.partial(eval_step, cfg))
+
+    # -- placement -----------------------------------------------------------------------------
+    def put_state(self, state: TrainState):
+        """Host or device state -> the form the step takes (replicated). The step donates its
+        state, so arrays passed here may be consumed: keep a host copy to reuse them."""
+        if self.mode == "jit":
+            return jax.device_put(state, self.replicated)
+        devices = jax.local_devices()
+        stacked = NamedSharding(jax.sharding.Mesh(np.array(devices), ("replica",)), P("replica"))
+        return jax.tree_util.tree_map(
+            lambda x: jax.device_put(np.broadcast_to(np.asarray(x), (len(devices),) + np.shape(x)), stacked), state
+        )
+
+    def get_state(self, state) -> TrainState:
+        """The step's form -> plain state (for checkpoints, sampling, evaluation)."""
+        if self.mode == "jit":
+            return state
+        return jax.tree_util.tree_map(lambda x: x[0], state)
+
+    def put_batch(self, local_batch: np.ndarray):
+        if self.mode == "jit":
+            return data.shard_batch(local_batch, self.mesh)
+        return data.shard_for_pmap(local_batch, jax.local_device_count())
+
+    def put_replicated(self, tree):
+        return jax.device_put(tree, self.replicated)
+
+    # -- steps ---------------------------------------------------------------------------------
+    def train(self, state, schedule: Schedule, batch) -> Tuple[Any, Dict[str, jnp.ndarray]]:
+        """One step on a placed batch; metrics are device scalars (no host sync here)."""
+        state, metrics = self._train(state, schedule, batch)
+        if self.mode == "pmap":
+            metrics = jax.tree_util.tree_map(lambda x: x[0], metrics)
+        return state, metrics
+
+    def evaluate(self, params, schedule: Schedule, images: np.ndarray, key, batch_size: int) -> float:
+        """Mean per-example loss over ``images`` (N, H, W, C), in padded, masked batches."""
+        n = images.shape[0]
+        if n == 0:
+            return float("nan")
+        params = self.put_replicated(params)
+        sums = []
+        for start in range(0, n, batch_size):
+            chunk = images[start:start + batch_size]
+            m = chunk.shape[0]
+            pad = batch_size - m
+            if pad:
+                chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
+            mask = np.concatenate([np.ones(m, np.float32), np.zeros(pad, np.float32)])
+            ids = np.arange(start, start + batch_size, dtype=np.int32)
+            out = self._eval(params, schedule, data.shard_batch(chunk, self.mesh), data.shard_batch(mask, self.mesh), key, data.shard_batch(ids, self.mesh))
+            sums.append(out)
+        tot = jax.device_get(sums)
+        return float(sum(o["loss_sum"] for o in tot) / sum(o["count"] for o in tot))

@@ -1,0 +1,291 @@
+"""The training loop: ``train_and_evaluate(config, workdir)``.
+
+Everything a run does happens here, in order: validate the config, check the workdir, load the
+data, build schedule/model/optimiser, restore the latest checkpoint if there is one, then train
+with a progress bar, logging metrics, evaluating on the validation split and drawing a sample
+grid from the EMA params each epoch, checkpointing every N steps, at the end, and on Ctrl-C or
+SIGTERM. Outputs (only process 0 writes):
+
+    workdir/config.json  metrics.jsonl  tb/  checkpoints/  samples/epoch_XXXX.png  samples/final.png
+    workdir/loss_curve.png
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import sys
+import tempfile
+import time
+from typing import Any, Dict, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ddpm_jax import data, objectives, plots, sampling, schedules
+from ddpm_jax.checkpointing import Checkpointer, read_config_json, write_config_json
+from ddpm_jax.config import ConfigError, validate_config
+from ddpm_jax.models import count_params, make_model, make_model_fn
+from ddpm_jax.train_state import create_train_state, make_optimizer
+from ddpm_jax.train_step import Parallel, StepConfig
+from ddpm_jax.writers import MetricWriter, read_metrics
+
+__all__ = ["train_and_evaluate", "prepare_workdir", "build_schedule", "build_model", "RESUME_MUST_MATCH"]
+
+#: Config keys that must agree between a run and the checkpoints it resumes from.
+RESUME_MUST_MATCH = (
+    "seed", "data.source", "data.name", "data.scale", "data.train_size", "data.val_size",
+    "schedule", "model", "objective", "optim", "train.batch_size",
+)
+
+
+def _log(msg: str) -> None:
+    if jax.process_index() == 0:
+        print(msg, flush=True)
+
+
+def prepare_workdir(workdir: str) -> str:
+    """Creates ``workdir`` if needed; raises ConfigError (one line) if it is a file or not writable."""
+    if not workdir:
+        raise ConfigError("--workdir is empty: give a directory for checkpoints and outputs")
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ConfigError(f"--workdir {workdir} exists and is not a directory")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_test"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"--workdir {workdir} is not writable: {e.strerror or e}") from None
+    return workdir
+
+
+def _get(d: Dict[str, Any], dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return None
+        d = d[part]
+    return d
+
+
+def _check_resume_compatible(saved: Optional[Dict[str, Any]], current: Dict[str, Any], workdir: str) -> None:
+    if saved is None:
+        return
+    diffs = [k for k in RESUME_MUST_MATCH if _get(saved, k) != _get(current, k)]
+    if diffs:
+        k = diffs[0]
+        raise ConfigError(
+            f"{workdir} holds checkpoints of a run with config.{k} = {_get(saved, k)!r}, but this run has "
+            f"{_get(current, k)!r}; use a new --workdir (or the same config) — nothing was overwritten"
+        )
+
+
+def build_schedule(config) -> schedules.Schedule:
+    kw = {k: v for k, v in config.schedule.items() if k not in ("name", "num_steps")}
+    return schedules.make_schedule(config.schedule.name, config.schedule.num_steps, **kw)
+
+
+def build_model(config, image_shape):
+    m = config.model
+    return make_model(m.preset, image_shape=image_shape, rho_head=m.rho_head, embed_dim=m.embed_dim,
+                      num_groups=m.num_groups, fourier_scale=m.fourier_scale)
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+    """SIGINT/SIGTERM set a flag the loop checks after each step (so the state is never caught
+    half-updated); a second SIGINT raises KeyboardInterrupt at once."""
+    flag = {"stop": None}
+
+    def handler(signum, frame):
+        if flag["stop"] is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        flag["stop"] = signal.Signals(signum).name
+
+    old = {}
+    in_main_thread = True
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            old[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread: signals cannot be handled here
+            in_main_thread = False
+    try:
+        yield flag
+    finally:
+        if in_main_thread:
+            for sig, h in old.items():
+                signal.signal(sig, h)
+
+
+def train_and_evaluate(config, workdir: str, *, arrays: Optional[Dict[str, np.ndarray]] = None, progress: bool = True) -> Dict[str, Any]:
+    """Trains (or resumes) the run described by ``config`` in ``workdir``.
+
+    Args:
+      config: an ml_collections ConfigDict like ``configs/mnist.py``'s.
+      workdir: output directory; an existing run there is resumed from its latest checkpoint.
+      arrays: in-memory data for ``data.source='arrays'`` (tests).
+      progress: show a tqdm progress bar.
+
+    Returns:
+      A summary dict: 'step', 'train_loss', 'val_loss', 'val_loss_ema', 'workdir', 'stopped_by'.
+    """
+    validate_config(config)
+    workdir = prepare_workdir(workdir)
+    is_main = jax.process_index() == 0
+    cfg_dict = config.to_dict()
+
+    # Refuse an incompatible workdir before loading anything.
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    saved_cfg = read_config_json(workdir)
+    has_ckpt = os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir))
+    if has_ckpt:
+        _check_resume_compatible(saved_cfg, cfg_dict, workdir)
+
+    # Data.
+    t0 = time.time()
+    d = config.data
+    splits = data.load_splits(d.source, name=d.name, path=d.path or None, scale=d.scale, train_size=d.train_size,
+                              val_size=d.val_size, seed=config.seed, arrays=arrays)
+    batch_size = config.train.batch_size
+    data.check_batch_divisible(batch_size, jax.device_count())
+    spe = data.steps_per_epoch(splits.train.shape[0], batch_size)
+    total_steps = config.train.num_steps if config.train.num_steps > 0 else config.train.num_epochs * spe
+    _log(f"data: {d.source} {d.name} train {splits.train.shape} val {splits.val.shape} scale {d.scale} "
+         f"({time.time() - t0:.1f}s); {spe} steps/epoch, {total_steps} steps")
+
+    # Schedule, model, optimiser, state.
+    schedule = build_schedule(config)
+    image_shape = splits.image_shape
+    model = build_model(config, image_shape)
+    root = jax.random.PRNGKey(config.seed)
+    init_key, train_key, sample_key, eval_key = jax.random.split(root, 4)
+    params = jax.jit(model.init)(init_key, jnp.zeros((1,) + image_shape), jnp.ones((1,)))["params"]
+    total, trainable = count_params(params)
+    _log(f"model: ScoreNet preset={config.model.preset} rho_head={config.model.rho_head} "
+         f"params={total:,} (trainable {trainable:,}); objective={config.objective.name} "
+         f"({config.objective.weighting}, {config.objective.reduction}); T={schedule.num_steps}")
+    tx = make_optimizer(config.optim, steps_per_epoch=spe, params=params)
+    loss_fn = objectives.get_objective(config.objective.name, weighting=config.objective.weighting,
+                                       reduction=config.objective.reduction)
+    step_cfg = StepConfig(apply_fn=model.apply, loss_fn=loss_fn, tx=tx, ema_decay=config.train.ema_decay,
+                          time_input=config.model.time_input)
+    par = Parallel(step_cfg, mode=config.train.parallel)
+    _log(f"devices: {jax.device_count()} x {jax.devices()[0].platform} ({par.mode}), "
+         f"{jax.process_count()} process(es); global batch {batch_size}")
+    state = create_train_state(params, tx, train_key)
+
+    ckpt = Checkpointer(ckpt_dir, every_steps=config.checkpoint.every_steps, keep=config.checkpoint.keep)
+    start = 0
+    if ckpt.latest_step() is not None:
+        state, meta = ckpt.restore(state)
+        start = int(state.step)
+        _log(f"resumed from {ckpt_dir} at step {start} (epoch {meta.get('epoch')}, step-in-epoch {meta.get('step_in_epoch')})")
+    if is_main:
+        write_config_json(workdir, cfg_dict)
+    writer = MetricWriter(workdir, enabled=is_main)
+
+    # Sampler for the grids: one compiled lax.scan, EMA params, fixed noise across epochs.
+    n_grid = config.train.num_grid_samples
+    param_kind = objectives.PREDICTS[config.objective.name]
+
+    @jax.jit
+    def sample_grid(ema_params, sched, key):
+        fn = make_model_fn(model.apply, ema_params, time_input=config.model.time_input, num_steps=sched.num_steps)
+        return sampling.sample(fn, sched, (n_grid,) + image_shape, key, method=config.sampling.method,
+                               ddpm_variance=config.sampling.ddpm_variance, parameterisation=param_kind)
+
+    samples_dir = os.path.join(workdir, "samples")
+
+    def write_grid(st, name, title):
+        x = np.asarray(sample_grid(st.ema_params, schedule, sample_key))
+        if is_main:
+            path = plots.save_image_grid(data.unscale_images(x, d.scale), os.path.join(samples_dir, name), title=title)
+            return path
+
+    def evaluate(st, step):
+        out = {}
+        if splits.val.shape[0]:
+            out["val/loss"] = par.evaluate(st.params, schedule, splits.val, eval_key, batch_size)
+            out["val/loss_ema"] = par.evaluate(st.ema_params, schedule, splits.val, eval_key, batch_size)
+            writer.write(step, out)
+        return out
+
+    def meta_for(step):
+        return {"step": int(step), "epoch": int(step // spe), "step_in_epoch": int(step % spe), "steps_per_epoch": spe}
+
+    iterator = data.BatchIterator(splits.train, batch_size, seed=config.seed, start_step=start,
+                                  process_index=jax.process_index(), process_count=jax.process_count())
+    state_dev = par.put_state(state)
+    del state
+    last_train, last_eval = float("nan"), {}
+    stopped_by = None
+    pending = []
+    t_log, n_log = time.time(), 0
+    log_every = config.train.log_every_steps
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total_steps, initial=start, unit="step", dynamic_ncols=True, disable=not (progress and is_main),
+               file=sys.stderr, desc="train")
+    step = start
+    with _stop_on_signals() as flag:
+        try:
+            while step < total_steps:
+                batch = par.put_batch(iterator.batch(step))
+                state_dev, metrics = par.train(state_dev, schedule, batch)
+                pending.append(metrics)
+                step += 1
+                n_log += 1
+                bar.update(1)
+                if step % log_every == 0 or step == total_steps or flag["stop"]:
+                    fetched = jax.device_get(pending)
+                    pending = []
+                    last_train = float(np.mean([m["loss"] for m in fetched]))
+                    dt = time.time() - t_log
+                    ips = n_log * batch_size / dt if dt > 0 else float("nan")
+                    t_log, n_log = time.time(), 0
+                    writer.write(step, {"train/loss": last_train, "train/grad_norm": float(np.mean([m["grad_norm"] for m in fetched])),
+                                        "train/images_per_sec": ips, "train/epoch": step / spe})
+                    bar.set_postfix(loss=f"{last_train:.4g}", img_s=f"{ips:.0f}", epoch=f"{step / spe:.2f}")
+                if step % spe == 0 and step < total_steps:
+                    t_epoch_end = time.time()
+                    epoch = step // spe
+                    plain = par.get_state(state_dev)
+                    if config.train.eval_every_epochs and epoch % config.train.eval_every_epochs == 0:
+                        last_eval = evaluate(plain, step)
+                        bar.write(f"epoch {epoch}: train loss {last_train:.4f}, " +
+                                  ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
+                    if config.train.sample_every_epochs and epoch % config.train.sample_every_epochs == 0:
+                        write_grid(plain, f"epoch_{epoch:04d}.png", f"epoch {epoch}, step {step} (EMA params)")
+                    if is_main:
+                        plots.save_loss_curve(read_metrics(workdir), os.path.join(workdir, "loss_curve.png"))
+                    t_log += time.time() - t_epoch_end  # images/s counts training time only
+                if step % config.checkpoint.every_steps == 0:
+                    ckpt.save(step, par.get_state(state_dev), meta_for(step))
+                if flag["stop"]:
+                    stopped_by = flag["stop"]
+                    break
+        finally:
+            bar.close()
+            final = par.get_state(state_dev)
+            if ckpt.latest_step() != step:
+                ckpt.save(step, final, meta_for(step), force=True)
+            ckpt.wait()
+    if stopped_by:
+        _log(f"stopped by {stopped_by} at step {step}: checkpoint saved in {ckpt_dir}; run the same command to resume")
+    else:
+        last_eval = evaluate(final, step) or last_eval
+        grid = write_grid(final, "final.png", f"final, step {step} (EMA params)")
+        if is_main:
+            plots.save_loss_curve(read_metrics(workdir), os.path.join(workdir, "loss_curve.png"))
+        _log(f"done: step {step}, train loss {last_train:.4f}" +
+             "".join(f", {k} {v:.4f}" for k, v in last_eval.items()))
+        _log(f"outputs in {workdir}: checkpoints/ (latest step {ckpt.latest_step()}), metrics.jsonl, tb/, "
+             f"loss_curve.png, samples/ (final grid: {grid})")
+    writer.close()
+    ckpt.close()
+    return {"step": step, "train_loss": last_train, "val_loss": last_eval.get("val/loss", math.nan),
+            "val_loss_ema": last_eval.get("val/loss_ema", math.nan), "workdir": workdir, "stopped_by": stopped_by}

@@ -1,0 +1,327 @@
+"""Training: real steps for every objective, learning, optimiser groups, data parallelism,
+bit-for-bit resume, the CLI end to end, and clear errors for bad configs and workdirs.
+
+All runs use 8x8 images and T = 20 (``helpers.tiny_config``) so each takes seconds.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from ddpm_jax import data, objectives
+from ddpm_jax.checkpointing import Checkpointer
+from ddpm_jax.config import ConfigError, validate_config
+from ddpm_jax.models import make_model
+from ddpm_jax.train_state import create_train_state, ema_decay_at, make_lr_schedule, make_optimizer
+from ddpm_jax.train_step import Parallel, StepConfig
+from ddpm_jax.trainer import build_schedule, train_and_evaluate
+from helpers import REPO, STD_NAMES, make_digits_like, tiny_config, write_dir
+
+ARRAYS = {k: (v[..., None] if k.endswith("images") else v.astype(np.int32)) for k, v in make_digits_like().items()}
+
+
+def _setup(config):
+    """(parallel runner, state, schedule, splits) for a tiny config, as the trainer builds them."""
+    splits = data.load_splits("arrays", arrays=ARRAYS, train_size=config.data.train_size, val_size=config.data.val_size, seed=config.seed)
+    model = make_model(config.model.preset, image_shape=splits.image_shape, rho_head=config.model.rho_head)
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)), jnp.ones((1,)))["params"]
+    spe = data.steps_per_epoch(config.data.train_size, config.train.batch_size)
+    tx = make_optimizer(config.optim, steps_per_epoch=spe, params=params)
+    loss_fn = objectives.get_objective(config.objective.name, weighting=config.objective.weighting, reduction=config.objective.reduction)
+    cfg = StepConfig(model.apply, loss_fn, tx, config.train.ema_decay, config.model.time_input)
+    return Parallel(cfg, mode="jit"), create_train_state(params, tx, jax.random.PRNGKey(1)), build_schedule(config), splits
+
+
+@pytest.mark.parametrize("objective", ["eps", "mean", "xprev", "x0", "v"])
+def test_one_real_step_every_objective(objective):
+    config = tiny_config(objective)
+    par, state, schedule, splits = _setup(config)
+    before = jax.device_get(state)
+    new, metrics = par.train(par.put_state(state), schedule, par.put_batch(splits.train[:16]))
+    new = jax.device_get(new)
+    assert int(new.step) == 1 and np.isfinite(float(metrics["loss"])) and float(metrics["grad_norm"]) > 0
+    moved = jax.tree_util.tree_map(lambda a, b: float(jnp.max(jnp.abs(a - b))), new.params, before.params)
+    assert moved["conv1"]["kernel"] > 0
+    assert moved["time_features"]["W"] == 0.0  # the Fourier frequencies are frozen
+    if config.model.rho_head:
+        # Adam's first step moves every parameter by ≈ lr (m̂/√v̂ = ±1): ρ at its own rate 0.2.
+        np.testing.assert_allclose(moved["rho0"], config.optim.rho_learning_rate, rtol=1e-3)
+        np.testing.assert_allclose(moved["conv1"]["kernel"], config.optim.learning_rate, rtol=1e-3)
+    # EMA after one step: decay_0 = min(0.999, 1/10) = 0.1, so ema = 0.1·old + 0.9·new.
+    np.testing.assert_allclose(
+        np.asarray(new.ema_params["conv1"]["kernel"]),
+        0.1 * np.asarray(before.params["conv1"]["kernel"]) + 0.9 * np.asarray(new.params["conv1"]["kernel"]),
+        rtol=1e-5, atol=1e-7,
+    )
+
+
+def test_loss_falls_on_a_tiny_dataset():
+    """100 steps on 48 tiny images: the validation-style loss on the training images (fixed
+    keys, so before and after see identical t and noise) must fall well below its start."""
+    config = tiny_config("eps")
+    par, state, schedule, splits = _setup(config)
+    key = jax.random.PRNGKey(5)
+    before = par.evaluate(state.params, schedule, splits.train, key, 16)
+    st = par.put_state(state)
+    it = data.BatchIterator(splits.train, 16, seed=0)
+    for step, batch in it.take(100):
+        st, _ = par.train(st, schedule, par.put_batch(batch))
+    after = par.evaluate(par.get_state(st).params, schedule, splits.train, key, 16)
+    assert after < 0.5 * before, (before, after)
+
+
+def test_lr_schedule_is_the_notebooks_step_decay():
+    sched = make_lr_schedule(0.01, steps_per_epoch=500, decay_factor=0.1, decay_every_epochs=20)
+    for step, lr in [(0, 0.01), (9_999, 0.01), (10_000, 0.001), (19_999, 0.001), (20_000, 1e-4), (29_999, 1e-4)]:
+        np.testing.assert_allclose(float(sched(step)), lr, rtol=1e-6)
+    warm = make_lr_schedule(0.01, steps_per_epoch=10, decay_every_epochs=0, warmup_steps=100)
+    np.testing.assert_allclose([float(warm(s)) for s in (0, 50, 100, 5000)], [0.0, 0.005, 0.01, 0.01], rtol=1e-6, atol=1e-12)
+    assert float(ema_decay_at(0, 0.999)) == pytest.approx(0.1) and float(ema_decay_at(10**6, 0.999)) == pytest.approx(0.999)
+
+
+def test_gradient_clipping_is_applied_before_adam():
+    """With optim.grad_clip_norm = c, the optimiser equals plain Adam fed clip_by_global_norm(c)
+    gradients (checked over two steps whose gradient norms differ, where Adam's output depends
+    on the clipping)."""
+    config = tiny_config("eps")
+    _, state, _, _ = _setup(config)
+    params = state.params
+    plain = make_optimizer(config.optim, steps_per_epoch=3, params=params)
+    config.optim.grad_clip_norm = 1e-3
+    clipped = make_optimizer(config.optim, steps_per_epoch=3, params=params)
+    clip = optax.clip_by_global_norm(1e-3)
+    s_plain, s_clip = plain.init(params), clipped.init(params)
+    for scale in (1.0, 0.1):
+        g = jax.tree_util.tree_map(lambda p: scale * jnp.cos(jnp.arange(p.size, dtype=jnp.float32).reshape(p.shape)), params)
+        u_clip, s_clip = clipped.update(g, s_clip, params)
+        u_ref, s_plain = plain.update(clip.update(g, clip.init(params))[0], s_plain, params)
+        for a, b in zip(jax.tree_util.tree_leaves(u_clip), jax.tree_util.tree_leaves(u_ref)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-9)
+
+
+PARALLEL_SCRIPT = textwrap.dedent(
+    """
+    import dataclasses, json, sys
+    sys.path.insert(0, {tests!r}); sys.path.insert(0, {repo!r})
+    import jax, numpy as np, optax
+    assert jax.device_count() == 8, jax.device_count()
+    import test_train as T
+    from ddpm_jax import data
+    from ddpm_jax.train_state import create_train_state
+    from ddpm_jax.train_step import Parallel
+    config = T.tiny_config("mean")
+    par, state, schedule, splits = T._setup(config)
+    batches = [splits.train[i * 16:(i + 1) * 16] for i in range(3)]
+
+    def run(p, state):
+        st, losses = p.put_state(state), []
+        for b in batches:
+            st, m = p.train(st, schedule, p.put_batch(b))
+            losses.append(float(m["loss"]))
+        return jax.device_get(p.get_state(st)), losses
+
+    def rel(a, b):
+        return max(jax.tree_util.tree_leaves(jax.tree_util.tree_map(
+            lambda x, y: float(np.max(np.abs(x - y)) / (np.max(np.abs(y)) + 1e-30)), a, b)))
+
+    out = {{}}
+    for opt in ("sgd", "adam"):
+        cfg = par.cfg if opt == "adam" else dataclasses.replace(par.cfg, tx=optax.sgd(1e-5))
+        st0 = jax.device_get(create_train_state(state.params, cfg.tx, state.rng))  # host copy, reused
+        one = Parallel(cfg, mode="jit", mesh=data.make_mesh(jax.devices()[:1]))
+        ref, ref_losses = run(one, st0)
+        for mode in ("jit", "pmap"):
+            got, losses = run(Parallel(cfg, mode=mode), st0)
+            moved = lambda s: jax.tree_util.tree_map(lambda a, b: a - b, s.params, st0.params)  # the updates
+            out[opt + "_" + mode] = {{
+                "params": rel(moved(got), moved(ref)), "ema": rel(got.ema_params, ref.ema_params),
+                "loss": max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses)), "step": int(got.step)}}
+    print("RESULT", json.dumps(out))
+    """
+)
+
+
+def test_jit_mesh_and_pmap_equal_single_device_on_8_devices(tmp_path):
+    """Three steps with the global batch of 16 split over 8 virtual CPU devices, under the
+    sharded jit and under pmap, against one device on the same batches. Per-example keys make
+    the noise identical, so only float32 summation order differs (the all-reduce of per-device
+    gradients): a few eps (1.2e-7) relative per gradient entry.
+
+    With SGD the total updates (params − init) then agree to rounding: a gradient entry sums
+    ~16·64 float32 terms, so ~√1000·eps ≈ 4e-6 relative to the leaf's largest entry (measured
+    6e-6 over three steps); tolerance 5e-5. Adam divides each
+    gradient entry by its running RMS, so an entry that is zero up to rounding gets an O(lr)
+    update of arbitrary sign on either side: parameters cannot be compared tightly there, and
+    the Adam check is on the loss at every step (tolerance 1e-4 relative), which stays within
+    float error because those entries carry no signal."""
+    script = tmp_path / "parallel.py"
+    script.write_text(PARALLEL_SCRIPT.format(tests=os.path.join(REPO, "tests"), repo=REPO))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.split("RESULT", 1)[1])
+    for mode in ("jit", "pmap"):
+        sgd, adam = out["sgd_" + mode], out["adam_" + mode]
+        assert sgd["step"] == adam["step"] == 3
+        assert sgd["params"] < 5e-5 and sgd["ema"] < 5e-5 and sgd["loss"] < 1e-5, out
+        assert adam["loss"] < 1e-4, out
+
+
+def _restore(workdir, like):
+    ck = Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=1, keep=10)
+    state, meta = ck.restore(like)
+    ck.close()
+    return state, meta
+
+
+def test_resume_is_bit_for_bit(tmp_path):
+    """2N straight steps == N steps, stop, resume, N more: identical params, EMA, opt state."""
+    n = 5
+    straight = tiny_config("eps", **{"train.num_steps": 2 * n, "checkpoint.every_steps": 100})
+    out_a = train_and_evaluate(straight, str(tmp_path / "a"), arrays=ARRAYS, progress=False)
+    first = tiny_config("eps", **{"train.num_steps": n, "checkpoint.every_steps": 100})
+    train_and_evaluate(first, str(tmp_path / "b"), arrays=ARRAYS, progress=False)
+    out_b = train_and_evaluate(straight, str(tmp_path / "b"), arrays=ARRAYS, progress=False)
+    assert out_a["step"] == out_b["step"] == 2 * n
+    _, state, _, _ = _setup(straight)
+    a, meta_a = _restore(str(tmp_path / "a"), state)
+    b, meta_b = _restore(str(tmp_path / "b"), state)
+    assert meta_a == meta_b == {"step": 2 * n, "epoch": 3, "step_in_epoch": 1, "steps_per_epoch": 3}
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    rows = [json.loads(line) for line in open(tmp_path / "b" / "metrics.jsonl")]
+    assert any("val/loss" in r for r in rows) and any("train/loss" in r for r in rows)
+
+
+def test_outputs_written(tmp_path):
+    config = tiny_config("x0", **{"train.num_steps": 6})
+    train_and_evaluate(config, str(tmp_path), arrays=ARRAYS, progress=False)
+    for name in ("config.json", "metrics.jsonl", "loss_curve.png", "samples/epoch_0001.png", "samples/final.png"):
+        assert os.path.getsize(tmp_path / name) > 0, name
+    assert json.load(open(tmp_path / "config.json"))["objective"]["name"] == "x0"
+    assert sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()) == [3, 6]
+    assert os.listdir(tmp_path / "tb")
+
+
+@pytest.mark.parametrize(
+    "key,value,fragment",
+    [
+        ("train.batch_size", 0, "config.train.batch_size = 0"),
+        ("schedule.num_steps", 0, "config.schedule.num_steps = 0"),
+        ("schedule.beta_end", 1.0, "config.schedule: every beta_t must be in (0, 1); beta_20 = 1.0"),
+        ("schedule.beta_start", -0.1, "beta_1 = -0.1"),
+        ("schedule.name", "sigmoid", "unknown schedule 'sigmoid'"),
+        ("objective.name", "score", "config.objective.name = 'score'"),
+        ("objective.weighting", "snr", "config.objective.weighting"),
+        ("sampling.method", "euler", "config.sampling.method = 'euler'"),
+        ("model.preset", "huge", "config.model.preset = 'huge'"),
+        ("train.ema_decay", 1.0, "config.train.ema_decay = 1.0"),
+        ("optim.learning_rate", 0.0, "config.optim.learning_rate = 0.0"),
+        ("data.scale", "[0,255]", "config.data.scale"),
+        ("data.source", "web", "config.data.source = 'web'"),
+        ("train.parallel", "fsdp", "config.train.parallel"),
+        ("model.rho_head", True, "rho_head = True, but objective 'eps'"),
+    ],
+)
+def test_bad_config_is_one_line_naming_the_key(key, value, fragment):
+    config = tiny_config("eps", **{key: value})
+    with pytest.raises(ConfigError) as e:
+        validate_config(config)
+    assert fragment in str(e.value) and "\n" not in str(e.value)
+
+
+def test_idx_source_without_path_is_refused():
+    with pytest.raises(ConfigError, match="config.data.path is empty"):
+        validate_config(tiny_config("eps", **{"data.source": "idx", "data.path": ""}))
+
+
+def test_batch_not_divisible_by_devices_is_refused_before_training(tmp_path, monkeypatch):
+    monkeypatch.setattr(jax, "device_count", lambda: 3)
+    with pytest.raises(ValueError, match="train.batch_size=16 is not divisible by the 3 devices"):
+        train_and_evaluate(tiny_config("eps"), str(tmp_path), arrays=ARRAYS, progress=False)
+    assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_workdir_that_is_a_file_is_refused(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("keep me")
+    with pytest.raises(ConfigError, match="exists and is not a directory"):
+        train_and_evaluate(tiny_config("eps"), str(f), arrays=ARRAYS, progress=False)
+    assert f.read_text() == "keep me"
+
+
+def test_resuming_with_a_different_model_is_refused_and_keeps_checkpoints(tmp_path):
+    train_and_evaluate(tiny_config("eps", **{"train.num_steps": 3}), str(tmp_path), arrays=ARRAYS, progress=False)
+    before = sorted(os.listdir(tmp_path / "checkpoints"))
+    other = tiny_config("eps", **{"model.preset": "medium", "train.num_steps": 6})
+    with pytest.raises(ConfigError, match="config.model = .* use a new --workdir"):
+        train_and_evaluate(other, str(tmp_path), arrays=ARRAYS, progress=False)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == before
+    assert json.load(open(tmp_path / "config.json"))["model"]["preset"] == "small"
+
+
+def _cli(args, **kw):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-m", "experiments.train", *args], cwd=REPO, capture_output=True, text=True, env=env, **kw)
+
+
+def _cli_args(idx_dir, workdir, steps):
+    return [
+        "--config", "configs/mnist.py", "--workdir", str(workdir),
+        "--config.data.source=idx", f"--config.data.path={idx_dir}",
+        "--config.data.train_size=48", "--config.data.val_size=16",
+        "--config.schedule.num_steps=20", "--config.train.batch_size=16",
+        f"--config.train.num_steps={steps}", "--config.train.log_every_steps=2",
+        "--config.train.num_grid_samples=4", "--config.checkpoint.every_steps=3",
+    ]
+
+
+def test_cli_trains_on_an_idx_directory_and_resumes(tmp_path):
+    idx_dir = write_dir(tmp_path / "idx", make_digits_like(), STD_NAMES, ".gz")
+    work = tmp_path / "run"
+    first = _cli(_cli_args(idx_dir, work, 3), timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "params=165,865" in first.stdout and "done: step 3" in first.stdout
+    second = _cli(_cli_args(idx_dir, work, 6), timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from" in second.stdout and "at step 3" in second.stdout and "done: step 6" in second.stdout
+    assert os.path.exists(work / "samples" / "final.png")
+    # bad input: a missing data directory is one line on stderr and a non-zero exit
+    bad = _cli(_cli_args(tmp_path / "nowhere", tmp_path / "run2", 3), timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error:")
+    assert "nowhere" in bad.stderr
+
+
+def test_sigint_saves_a_checkpoint_and_the_run_resumes(tmp_path):
+    """Ctrl-C (SIGINT) mid-run: the loop stops after the current step, saves, exits 0; the same
+    command then resumes from that step."""
+    idx_dir = write_dir(tmp_path / "idx", make_digits_like(), STD_NAMES, ".gz")
+    work = tmp_path / "run"
+    args = _cli_args(idx_dir, work, 100_000)
+    args[args.index("--config.checkpoint.every_steps=3")] = "--config.checkpoint.every_steps=100000"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.train", *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (work / "metrics.jsonl").exists():
+        time.sleep(0.5)
+    assert (work / "metrics.jsonl").exists(), "training never started"
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert "stopped by SIGINT" in out
+    steps = [int(s) for s in os.listdir(work / "checkpoints") if s.isdigit()]
+    assert len(steps) == 1 and 0 < steps[0] < 100_000
+    resumed = _cli(_cli_args(idx_dir, work, steps[0] + 2), timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"at step {steps[0]}" in resumed.stdout and f"done: step {steps[0] + 2}" in resumed.stdout
