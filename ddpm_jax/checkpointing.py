@@ -89,6 +89,17 @@ class Checkpointer:
         _check_shapes(restored.state, abstract, step, self.directory)
         return restored.state, dict(restored.meta or {})
 
+    def read_meta(self, step: Optional[int] = None) -> Dict[str, Any]:
+        """The metadata JSON saved with ``step`` (default: the latest), without the arrays."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"no checkpoint in {self.directory}")
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        except Exception as e:
+            raise CheckpointError(f"cannot read checkpoint step {step} metadata in {self.directory}: {e}") from e
+        return dict(restored.meta or {})
+
     def wait(self) -> None:
         self._manager.wait_until_finished()
 

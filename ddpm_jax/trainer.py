@@ -214,7 +214,8 @@ def train_and_evaluate(config, workdir: str, *, arrays: Optional[Dict[str, np.nd
         return out
 
     def meta_for(step):
-        return {"step": int(step), "epoch": int(step // spe), "step_in_epoch": int(step % spe), "steps_per_epoch": spe}
+        return {"step": int(step), "epoch": int(step // spe), "step_in_epoch": int(step % spe), "steps_per_epoch": spe,
+                "image_shape": list(image_shape)}
 
     iterator = data.BatchIterator(splits.train, batch_size, seed=config.seed, start_step=start,
                                   process_index=jax.process_index(), process_count=jax.process_count())

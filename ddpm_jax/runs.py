@@ -1,0 +1,89 @@
+"""Load a trained run from its workdir, for sampling and evaluation.
+
+    run = load_run("runs/mnist")                  # latest checkpoint
+    model_fn = run.model_fn(ema=True)             # (x_t, t) -> prediction, EMA params
+    x = sampling.sample(model_fn, run.schedule, (16,) + run.image_shape, key,
+                        method="eps_ddpm", parameterisation=run.parameterisation)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from ddpm_jax import objectives
+from ddpm_jax.checkpointing import Checkpointer, read_config_json
+from ddpm_jax.models import make_model_fn
+from ddpm_jax.schedules import Schedule
+from ddpm_jax.train_state import create_train_state, make_optimizer
+from ddpm_jax.trainer import build_model, build_schedule
+
+__all__ = ["Run", "load_run"]
+
+
+@dataclasses.dataclass
+class Run:
+    """A restored run. ``parameterisation`` is what the network predicts ('eps', 'x0', 'v',
+    'mean'); ``image_shape`` is (H, W, C); ``data_scale`` is the config's data.scale."""
+
+    config: ml_collections.ConfigDict
+    model: Any
+    schedule: Schedule
+    params: Any
+    ema_params: Any
+    step: int
+    image_shape: Tuple[int, ...]
+    workdir: str
+
+    @property
+    def parameterisation(self) -> str:
+        return objectives.PREDICTS[self.config.objective.name]
+
+    @property
+    def data_scale(self) -> str:
+        return self.config.data.scale
+
+    def model_fn(self, ema: bool = True):
+        """``model_fn(x_t, t)`` with the EMA params (default) or the raw params."""
+        return make_model_fn(self.model.apply, self.ema_params if ema else self.params,
+                             time_input=self.config.model.time_input, num_steps=self.schedule.num_steps)
+
+
+def load_run(workdir: str, step: Optional[int] = None) -> Run:
+    """Restores ``step`` (default: the latest) of the run in ``workdir``.
+
+    Raises:
+      FileNotFoundError: no run (config.json and checkpoints/) in ``workdir``.
+      CheckpointError: the checkpoint does not fit the saved config, or is unreadable.
+    """
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    cfg = read_config_json(workdir)
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if cfg is None or not os.path.isdir(ckpt_dir):
+        raise FileNotFoundError(f"no training run in {workdir} (expected config.json and checkpoints/ written by experiments.train)")
+    config = ml_collections.ConfigDict(cfg)
+    ckpt = Checkpointer(ckpt_dir, every_steps=1, keep=10**6)
+    try:
+        if ckpt.latest_step() is None:
+            raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
+        meta = ckpt.read_meta(step)
+        image_shape = tuple(meta["image_shape"])
+        model = build_model(config, image_shape)
+
+        def abstract_state():
+            params = model.init(jax.random.PRNGKey(0), jnp.zeros((1,) + image_shape), jnp.ones((1,)))["params"]
+            tx = make_optimizer(config.optim, steps_per_epoch=int(meta["steps_per_epoch"]), params=params)
+            return create_train_state(params, tx, jax.random.PRNGKey(0))
+
+        target = jax.eval_shape(abstract_state)
+        state, meta = ckpt.restore(target, step)
+    finally:
+        ckpt.close()
+    return Run(config=config, model=model, schedule=build_schedule(config), params=state.params,
+               ema_params=state.ema_params, step=int(state.step), image_shape=image_shape, workdir=workdir)
+

@@ -1,0 +1,84 @@
+"""Draw samples from a trained run.
+
+    python -m experiments.sample --workdir runs/mnist --method eps_ddpm --num 1000
+    python -m experiments.sample --workdir runs/mnist --method ddim --num_steps 50 --num 1000
+
+Restores the latest checkpoint (EMA params unless ``--params=raw``), samples in batches (one
+compiled ``lax.scan`` serves every batch) with a progress bar, and writes
+``<out>/samples.npz`` (``samples``: (N, H, W, C) in the data's scale; ``images``: the same mapped
+to [0, 1] and clipped) and ``<out>/grid.png`` (the first 100). ``<out>`` defaults to
+``<workdir>/samples/<method>[_steps<S>][_eta<eta>]``.
+"""
+
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "A run directory written by experiments.train.")
+flags.DEFINE_string("method", None, "Sampler (default: the run's config.sampling.method).")
+flags.DEFINE_integer("num", 1000, "Number of samples.")
+flags.DEFINE_integer("batch_size", 250, "Samples per compiled batch.")
+flags.DEFINE_integer("num_steps", None, "DDIM steps (method ddim only; default T).")
+flags.DEFINE_float("eta", 0.0, "DDIM eta in [0, 1].")
+flags.DEFINE_enum("ddpm_variance", None, ["posterior", "beta"], "eps_ddpm noise variance (default: the run's config).")
+flags.DEFINE_enum("params", "ema", ["ema", "raw"], "Which params to sample with.")
+flags.DEFINE_integer("seed", 0, "Sampling seed.")
+flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+flags.DEFINE_string("out", None, "Output directory (default under <workdir>/samples/).")
+flags.mark_flags_as_required(["workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    import jax
+    import numpy as np
+
+    from ddpm_jax import data, plots, sampling
+    from ddpm_jax.checkpointing import CheckpointError
+    from ddpm_jax.runs import load_run
+
+    try:
+        if FLAGS.num < 1 or FLAGS.batch_size < 1:
+            raise ValueError(f"--num={FLAGS.num} and --batch_size={FLAGS.batch_size} must be >= 1")
+        run = load_run(FLAGS.workdir, FLAGS.step)
+        method = FLAGS.method or run.config.sampling.method
+        variance = FLAGS.ddpm_variance or run.config.sampling.ddpm_variance
+        sampling.check_sampler_args(method, run.schedule.num_steps, FLAGS.num_steps, FLAGS.eta, variance, run.parameterisation)
+    except (ValueError, FileNotFoundError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+    tag = method + (f"_steps{FLAGS.num_steps}" if FLAGS.num_steps else "") + (f"_eta{FLAGS.eta:g}" if method == "ddim" else "")
+    out = os.path.abspath(FLAGS.out or os.path.join(run.workdir, "samples", tag))
+    os.makedirs(out, exist_ok=True)
+    model_fn = run.model_fn(ema=FLAGS.params == "ema")
+    shape = (FLAGS.batch_size,) + run.image_shape
+
+    @jax.jit
+    def one_batch(key):
+        return sampling.sample(model_fn, run.schedule, shape, key, method=method, num_steps=FLAGS.num_steps,
+                               eta=FLAGS.eta, ddpm_variance=variance, parameterisation=run.parameterisation)
+
+    print(f"run {run.workdir} step {run.step} ({FLAGS.params} params); {method}, "
+          f"{FLAGS.num_steps or run.schedule.num_steps} steps; {FLAGS.num} samples in batches of {FLAGS.batch_size}", flush=True)
+    t0 = time.time()
+    jax.block_until_ready(one_batch.lower(jax.random.PRNGKey(0)).compile())
+    t_compile = time.time() - t0
+    t0 = time.time()
+    x = sampling.sample_in_batches(one_batch, FLAGS.num, FLAGS.batch_size, jax.random.PRNGKey(FLAGS.seed))
+    dt = time.time() - t0
+    images = np.asarray(data.unscale_images(x, run.data_scale))
+    np.savez_compressed(os.path.join(out, "samples.npz"), samples=x, images=images)
+    plots.save_image_grid(images[:100], os.path.join(out, "grid.png"), title=f"{method}, step {run.step}")
+    print(f"{FLAGS.num} samples in {dt:.1f}s ({FLAGS.num / dt:.1f} images/s; compile {t_compile:.1f}s) -> "
+          f"{out}/samples.npz, {out}/grid.png", flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)
