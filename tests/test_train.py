@@ -296,6 +296,17 @@ def test_cli_trains_on_an_idx_directory_and_resumes(tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stdout and "at step 3" in second.stdout and "done: step 6" in second.stdout
     assert os.path.exists(work / "samples" / "final.png")
+    # the sampling CLI restores that run (EMA params) and writes samples.npz and a grid
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    sample = subprocess.run([sys.executable, "-m", "experiments.sample", "--workdir", str(work), "--method", "ddim",
+                             "--num_steps", "5", "--num", "6", "--batch_size", "4"], cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    assert sample.returncode == 0, sample.stderr[-3000:]
+    out = np.load(work / "samples" / "ddim_steps5_eta0" / "samples.npz")
+    assert out["samples"].shape == (6, 8, 8, 1) and out["images"].min() >= 0 and out["images"].max() <= 1
+    assert os.path.getsize(work / "samples" / "ddim_steps5_eta0" / "grid.png") > 0
+    bad_sample = subprocess.run([sys.executable, "-m", "experiments.sample", "--workdir", str(work), "--method", "eps_ddpm",
+                                 "--num_steps", "5"], cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+    assert bad_sample.returncode == 2 and "needs method='ddim'" in bad_sample.stderr
     # bad input: a missing data directory is one line on stderr and a non-zero exit
     bad = _cli(_cli_args(tmp_path / "nowhere", tmp_path / "run2", 3), timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error:")
