@@ -11,6 +11,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["ddpm_jax", "ddpm_jax.*"]),
+    package_data={"ddpm_jax.metrics": ["weights/*.msgpack"]},
     install_requires=[
         "jax>=0.4.35",
         "flax>=0.10",

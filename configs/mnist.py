@@ -79,6 +79,7 @@ def get_config(variant: str = "eps") -> ml_collections.ConfigDict:
     c.sampling = ml_collections.ConfigDict()
     c.sampling.method = {"eps": "eps_ddpm", "mean": "xprev_noise", "xprev": "xprev_noise", "x0": "x0_coherent", "v": "eps_ddpm"}[variant]
     c.sampling.ddpm_variance = "beta"  # σ_t² for eps_ddpm: 'beta' (the notebook) | 'posterior'
+    c.sampling.clip_x0 = False  # clip x̂_0 to the data range at every step (the notebook does not)
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 1000  # also saved at the end and on Ctrl-C / SIGTERM

@@ -156,6 +156,8 @@ def validate_config(config) -> None:
 
     _choice(config, "sampling.method", sampling.METHODS)
     _choice(config, "sampling.ddpm_variance", sampling.DDPM_VARIANCES)
+    if not isinstance(_get(config, "sampling.clip_x0"), bool):
+        raise ConfigError(f"config.sampling.clip_x0 = {_get(config, 'sampling.clip_x0')!r}: must be True or False")
 
     _int(config, "checkpoint.every_steps", minimum=1)
     _int(config, "checkpoint.keep", minimum=1)

@@ -403,15 +403,22 @@ def scale_images(images_uint8, scale: str = "[0,1]") -> np.ndarray:
     return x / np.float32(127.5) - np.float32(1.0)
 
 
-def unscale_images(x, scale: str = "[0,1]"):
-    """Maps model-space images back to [0, 1] (clipped), e.g. for writing image grids.
+def data_range(scale: str) -> Tuple[float, float]:
+    """(lo, hi) of model-space pixel values for a ``data.scale``: (0, 1) or (−1, 1)."""
+    return (0.0, 1.0) if _check_scale(scale) == "[0,1]" else (-1.0, 1.0)
+
+
+def unscale_images(x, scale: str = "[0,1]", clip: bool = True):
+    """Maps model-space images back to the [0, 1] pixel range, e.g. for image grids and metrics.
 
     Args:
       x: float array of any shape (NumPy, or a ``jax.Array``, also inside ``jit``).
       scale: the ``data.scale`` the images were produced in (see :func:`scale_images`).
+      clip: clip to [0, 1] (default). ``False`` keeps values outside, as the notebook's pixel FID
+        sees its unclipped samples.
 
     Returns:
-      float32 array of the same shape and kind (NumPy in, NumPy out; JAX in, JAX out), in [0, 1].
+      float32 array of the same shape and kind (NumPy in, NumPy out; JAX in, JAX out).
     """
     _check_scale(scale)
     xp = np
@@ -427,7 +434,7 @@ def unscale_images(x, scale: str = "[0,1]"):
     x = xp.asarray(x).astype(xp.float32)
     if scale == "[-1,1]":
         x = (x + 1.0) * 0.5
-    return xp.clip(x, 0.0, 1.0)
+    return xp.clip(x, 0.0, 1.0) if clip else x
 
 
 # ------------------------------------------------------------------------------------------------

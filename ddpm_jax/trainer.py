@@ -195,7 +195,8 @@ def train_and_evaluate(config, workdir: str, *, arrays: Optional[Dict[str, np.nd
     def sample_grid(ema_params, sched, key):
         fn = make_model_fn(model.apply, ema_params, time_input=config.model.time_input, num_steps=sched.num_steps)
         return sampling.sample(fn, sched, (n_grid,) + image_shape, key, method=config.sampling.method,
-                               ddpm_variance=config.sampling.ddpm_variance, parameterisation=param_kind)
+                               ddpm_variance=config.sampling.ddpm_variance, parameterisation=param_kind,
+                               clip_x0=data.data_range(d.scale) if config.sampling.clip_x0 else None)
 
     samples_dir = os.path.join(workdir, "samples")
 

@@ -25,6 +25,7 @@ flags.DEFINE_integer("num_steps", None, "DDIM steps (method ddim only; default T
 flags.DEFINE_float("eta", 0.0, "DDIM eta in [0, 1].")
 flags.DEFINE_enum("ddpm_variance", None, ["posterior", "beta"], "eps_ddpm noise variance (default: the run's config).")
 flags.DEFINE_enum("params", "ema", ["ema", "raw"], "Which params to sample with.")
+flags.DEFINE_bool("clip_x0", None, "Clip x̂_0 to the data range each step (default: the run's config.sampling.clip_x0).")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 flags.DEFINE_string("out", None, "Output directory (default under <workdir>/samples/).")
@@ -54,7 +55,10 @@ def main(argv):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
-    tag = method + (f"_steps{FLAGS.num_steps}" if FLAGS.num_steps else "") + (f"_eta{FLAGS.eta:g}" if method == "ddim" else "")
+    clip = run.config.sampling.get("clip_x0", False) if FLAGS.clip_x0 is None else FLAGS.clip_x0
+    clip_range = data.data_range(run.data_scale) if clip else None
+    tag = (method + (f"_steps{FLAGS.num_steps}" if FLAGS.num_steps else "") + (f"_eta{FLAGS.eta:g}" if method == "ddim" else "")
+           + ("_clip" if clip else ""))
     out = os.path.abspath(FLAGS.out or os.path.join(run.workdir, "samples", tag))
     os.makedirs(out, exist_ok=True)
     model_fn = run.model_fn(ema=FLAGS.params == "ema")
@@ -63,9 +67,10 @@ def main(argv):
     @jax.jit
     def one_batch(key):
         return sampling.sample(model_fn, run.schedule, shape, key, method=method, num_steps=FLAGS.num_steps,
-                               eta=FLAGS.eta, ddpm_variance=variance, parameterisation=run.parameterisation)
+                               eta=FLAGS.eta, ddpm_variance=variance, parameterisation=run.parameterisation,
+                               clip_x0=clip_range)
 
-    print(f"run {run.workdir} step {run.step} ({FLAGS.params} params); {method}, "
+    print(f"run {run.workdir} step {run.step} ({FLAGS.params} params); {method}{' (x̂_0 clipped)' if clip else ''}, "
           f"{FLAGS.num_steps or run.schedule.num_steps} steps; {FLAGS.num} samples in batches of {FLAGS.batch_size}", flush=True)
     t0 = time.time()
     jax.block_until_ready(one_batch.lower(jax.random.PRNGKey(0)).compile())

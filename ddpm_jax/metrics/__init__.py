@@ -9,8 +9,4 @@
 Only ``fid`` is imported here; import the other submodules explicitly (they may pull in JAX/Flax).
 """
 
-try:
-    from ddpm_jax.metrics import fid  # noqa: F401
-except ModuleNotFoundError as e:  # keep the package importable while a submodule is absent
-    if e.name != "ddpm_jax.metrics.fid":
-        raise
+from ddpm_jax.metrics import fid  # noqa: F401
