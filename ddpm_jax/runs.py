@@ -16,14 +16,24 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from ddpm_jax import objectives
+from ddpm_jax import data, objectives, sampling
 from ddpm_jax.checkpointing import Checkpointer, read_config_json
 from ddpm_jax.models import make_model_fn
 from ddpm_jax.schedules import Schedule
 from ddpm_jax.train_state import create_train_state, make_optimizer
 from ddpm_jax.trainer import build_model, build_schedule
 
-__all__ = ["Run", "load_run"]
+__all__ = ["Run", "load_run", "sampling_tag"]
+
+
+def sampling_tag(options: dict) -> str:
+    """A short name for sampler options, e.g. 'eps_ddpm', 'ddim_steps50_eta0', 'eps_ddpm_clip'."""
+    tag = options["method"]
+    if options.get("num_steps"):
+        tag += f"_steps{options['num_steps']}"
+    if options["method"] == "ddim":
+        tag += f"_eta{options.get('eta', 0.0):g}"
+    return tag + ("_clip" if options.get("clip_x0") is not None else "")
 
 
 @dataclasses.dataclass
@@ -52,6 +62,29 @@ class Run:
         """``model_fn(x_t, t)`` with the EMA params (default) or the raw params."""
         return make_model_fn(self.model.apply, self.ema_params if ema else self.params,
                              time_input=self.config.model.time_input, num_steps=self.schedule.num_steps)
+
+    def sampler_options(self, method=None, *, num_steps=None, eta=0.0, ddpm_variance=None, clip_x0=None) -> dict:
+        """Keyword arguments for :func:`ddpm_jax.sampling.sample`, defaults from the run's config,
+        validated (ValueError) before anything is compiled. ``clip_x0``: bool or None (config)."""
+        s = self.config.sampling
+        method = method or s.method
+        ddpm_variance = ddpm_variance or s.ddpm_variance
+        clip = s.get("clip_x0", False) if clip_x0 is None else clip_x0
+        sampling.check_sampler_args(method, self.schedule.num_steps, num_steps, eta, ddpm_variance, self.parameterisation)
+        return {"method": method, "num_steps": num_steps, "eta": eta, "ddpm_variance": ddpm_variance,
+                "parameterisation": self.parameterisation, "clip_x0": data.data_range(self.data_scale) if clip else None}
+
+    def make_sampler(self, batch_size: int, options: dict, *, ema: bool = True, return_trajectory: bool = False):
+        """A jitted ``fn(key) -> samples (batch_size, H, W, C)`` (and the trajectory if asked):
+        one compiled ``lax.scan`` serves every batch."""
+        model_fn = self.model_fn(ema)
+        shape = (batch_size,) + self.image_shape
+
+        @jax.jit
+        def fn(key):
+            return sampling.sample(model_fn, self.schedule, shape, key, return_trajectory=return_trajectory, **options)
+
+        return fn
 
 
 def load_run(workdir: str, step: Optional[int] = None) -> Run:

@@ -42,33 +42,22 @@ def main(argv):
 
     from ddpm_jax import data, plots, sampling
     from ddpm_jax.checkpointing import CheckpointError
-    from ddpm_jax.runs import load_run
+    from ddpm_jax.runs import load_run, sampling_tag
 
     try:
         if FLAGS.num < 1 or FLAGS.batch_size < 1:
             raise ValueError(f"--num={FLAGS.num} and --batch_size={FLAGS.batch_size} must be >= 1")
         run = load_run(FLAGS.workdir, FLAGS.step)
-        method = FLAGS.method or run.config.sampling.method
-        variance = FLAGS.ddpm_variance or run.config.sampling.ddpm_variance
-        sampling.check_sampler_args(method, run.schedule.num_steps, FLAGS.num_steps, FLAGS.eta, variance, run.parameterisation)
+        opts = run.sampler_options(FLAGS.method, num_steps=FLAGS.num_steps, eta=FLAGS.eta,
+                                   ddpm_variance=FLAGS.ddpm_variance, clip_x0=FLAGS.clip_x0)
     except (ValueError, FileNotFoundError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
-    clip = run.config.sampling.get("clip_x0", False) if FLAGS.clip_x0 is None else FLAGS.clip_x0
-    clip_range = data.data_range(run.data_scale) if clip else None
-    tag = (method + (f"_steps{FLAGS.num_steps}" if FLAGS.num_steps else "") + (f"_eta{FLAGS.eta:g}" if method == "ddim" else "")
-           + ("_clip" if clip else ""))
-    out = os.path.abspath(FLAGS.out or os.path.join(run.workdir, "samples", tag))
+    method, clip = opts["method"], opts["clip_x0"] is not None
+    out = os.path.abspath(FLAGS.out or os.path.join(run.workdir, "samples", sampling_tag(opts)))
     os.makedirs(out, exist_ok=True)
-    model_fn = run.model_fn(ema=FLAGS.params == "ema")
-    shape = (FLAGS.batch_size,) + run.image_shape
-
-    @jax.jit
-    def one_batch(key):
-        return sampling.sample(model_fn, run.schedule, shape, key, method=method, num_steps=FLAGS.num_steps,
-                               eta=FLAGS.eta, ddpm_variance=variance, parameterisation=run.parameterisation,
-                               clip_x0=clip_range)
+    one_batch = run.make_sampler(FLAGS.batch_size, opts, ema=FLAGS.params == "ema")
 
     print(f"run {run.workdir} step {run.step} ({FLAGS.params} params); {method}{' (x̂_0 clipped)' if clip else ''}, "
           f"{FLAGS.num_steps or run.schedule.num_steps} steps; {FLAGS.num} samples in batches of {FLAGS.batch_size}", flush=True)

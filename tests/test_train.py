@@ -304,6 +304,13 @@ def test_cli_trains_on_an_idx_directory_and_resumes(tmp_path):
     out = np.load(work / "samples" / "ddim_steps5_eta0" / "samples.npz")
     assert out["samples"].shape == (6, 8, 8, 1) and out["images"].min() >= 0 and out["images"].max() <= 1
     assert os.path.getsize(work / "samples" / "ddim_steps5_eta0" / "grid.png") > 0
+    # the evaluation CLI on those samples: a JSON report with the pixel FIDs and their floors
+    ev = subprocess.run([sys.executable, "-m", "experiments.evaluate", "--workdir", str(work), "--num", "6",
+                         "--samples", str(work / "samples" / "ddim_steps5_eta0" / "samples.npz")],
+                        cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    report = json.load(open(work / "eval" / "ddim_steps5_eta0_n6.json"))
+    assert {"val", "test", "floor_train_vs_test"} <= set(report["fid_pixel"]) and report["step"] == 6
     bad_sample = subprocess.run([sys.executable, "-m", "experiments.sample", "--workdir", str(work), "--method", "eps_ddpm",
                                  "--num_steps", "5"], cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
     assert bad_sample.returncode == 2 and "needs method='ddim'" in bad_sample.stderr
