@@ -108,7 +108,7 @@ def format_report(report: Dict[str, Any]) -> str:
     for key, title in (("sample_quality", "samples"), ("sample_quality_floor", "real test images (floor)")):
         if key in report:
             q = report[key]
-            lines.append(f"{title:30s}" + "  ".join(f"{k} {v:.4g}" for k, v in q.items()))
+            lines.append(f"{title:30s}" + "  ".join(f"{k} {'n/a' if v is None else format(v, '.4g')}" for k, v in q.items()))
     if "trajectory" in report:
         lines.append(f"{'trajectory':30s}" + "  ".join(f"{k} {v:.4g}" for k, v in report["trajectory"].items()))
     return "\n".join(lines)

@@ -223,4 +223,20 @@ def test_sample_quality_table_real_vs_itself():
     assert t2["coverage"] == 4 and "clf_coverage" not in t2
     assert t2["nn_mse"] == 0.0
     assert set(table) == {"nn_mse", "div_mse", "real_div_mse", "div_real", "mean_gap", "std_gap",
-                          "coverage", "entropy", "clf_coverage", "clf_entropy"}
+                          "coverage", "entropy", "centroid_classes", "clf_coverage", "clf_entropy"}
+    assert table["centroid_classes"] == 10
+
+
+def test_sample_quality_table_with_classes_missing_from_the_real_set():
+    """A reference set with only classes 3 and 7 (a small or filtered dataset): the centroid
+    metrics are over those two classes, not an error."""
+    rng = np.random.default_rng(8)
+    labels = np.repeat(np.array([3, 7]), 10)
+    real = (_imgs(rng, 20, 6, 6) * 0.1 + (labels == 7)[:, None, None, None] * 0.8).astype(np.float32)
+    table = sq.sample_quality_table(real[:10], real, labels)  # all of class 3
+    assert table["centroid_classes"] == 2
+    assert table["coverage"] == 1 and table["entropy"] == 0.0
+    both = sq.sample_quality_table(real, real, labels)  # 10 and 10: uniform over the 2 present classes
+    assert both["coverage"] == 2 and both["entropy"] == pytest.approx(1.0)
+    one = sq.sample_quality_table(real[:10], real[:10], labels[:10])
+    assert one["centroid_classes"] == 1 and one["coverage"] is None and one["entropy"] is None

@@ -350,15 +350,24 @@ def sample_quality_table(
 
     Returns:
       dict with 'nn_mse', 'div_mse' (of gen), 'real_div_mse', 'div_real', 'mean_gap', 'std_gap',
-      'coverage' (int), 'entropy' (nearest-centroid assignments), and 'clf_coverage' (int),
+      'coverage' (int), 'entropy' (nearest-centroid assignments over the 'centroid_classes' classes
+      present in ``real_labels``; None when fewer than two are), and 'clf_coverage' (int),
       'clf_entropy' when ``gen_pred_labels`` is given.
     """
     g, r = _flat(gen, "sample_quality_table(gen)", 2), _flat(real, "sample_quality_table(real)", 2)
     _check_same_d(g, r, "sample_quality_table")
     div_g, div_r = diversity_mse(g), diversity_mse(r)
     (mg, vg), (mr, vr) = pixel_moments(g), pixel_moments(r)
-    cent = class_centroids(real, real_labels, num_classes)
-    cov, ent = coverage_and_entropy(centroid_assignments(gen, cent), num_classes, min_fraction)
+    # Centroids of the classes present in ``real`` (all 10 for MNIST; a small or filtered set may
+    # lack some): coverage and entropy are then over those K classes.
+    lab = _check_labels(real_labels, r.shape[0], num_classes, "sample_quality_table(real_labels)")
+    present, dense = np.unique(lab, return_inverse=True)
+    k = int(present.size)
+    if k >= 2:
+        cent = class_centroids(real, dense.reshape(-1), k)
+        cov, ent = coverage_and_entropy(centroid_assignments(gen, cent), k, min_fraction)
+    else:
+        cov, ent = None, None  # one class: coverage and entropy say nothing
     table = {
         "nn_mse": nearest_real_mse(g, r, gen_block=gen_block, real_block=real_block),
         "div_mse": div_g,
@@ -368,6 +377,7 @@ def sample_quality_table(
         "std_gap": float(np.mean(np.abs(np.sqrt(vg) - np.sqrt(vr)))),
         "coverage": cov,
         "entropy": ent,
+        "centroid_classes": k,
     }
     if gen_pred_labels is not None:
         _check_labels(gen_pred_labels, g.shape[0], num_classes, "sample_quality_table(gen_pred_labels)")
