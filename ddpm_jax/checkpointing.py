@@ -76,7 +76,7 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"no checkpoint in {self.directory}")
-        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
+        abstract = jax.tree_util.tree_map(_with_sharding, target)
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
         try:
             restored = self._manager.restore(step, args=args)
@@ -106,6 +106,16 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def _with_sharding(x) -> jax.ShapeDtypeStruct:
+    """The leaf's shape, dtype and sharding; a leaf without a sharding (``jax.eval_shape`` output,
+    NumPy) restores onto this process's first device, so a checkpoint written by a run on many
+    devices or hosts loads on one (Orbax refuses a topology change unless it is told the target)."""
+    s = ocp.utils.to_shape_dtype_struct(x)
+    if getattr(s, "sharding", None) is None:
+        s = jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+    return s
 
 
 def _check_shapes(restored, abstract, step, directory):

@@ -150,6 +150,7 @@ def validate_config(config) -> None:
     _float(config, "train.ema_decay", 0.0, 1.0, high_open=True)
     _choice(config, "train.parallel", PARALLEL)
     _int(config, "train.log_every_steps", minimum=1)
+    _int(config, "train.max_nonfinite_steps", minimum=1)
     _int(config, "train.eval_every_epochs", minimum=0)
     _int(config, "train.sample_every_epochs", minimum=0)
     _int(config, "train.num_grid_samples", minimum=1)

@@ -58,7 +58,12 @@ def train_step(cfg: StepConfig, state: TrainState, schedule: Schedule, batch, *,
     """One optimiser update on a batch ``(B, H, W, C)`` (the global batch, or under ``pmap``
     this device's slice, with ``axis_name`` naming the device axis).
 
-    Returns the new state and metrics {'loss', 'grad_norm'} (scalars).
+    A step whose loss or gradient is not finite (NaN/Inf) applies no update: params, optimiser
+    state and EMA stay as they were and only ``step`` advances (so the next step sees the next
+    batch); ``metrics['finite']`` is 0 for such a step. The loop counts these and stops a run
+    that keeps producing them (``train.max_nonfinite_steps``).
+
+    Returns the new state and metrics {'loss', 'grad_norm', 'finite'} (scalars).
     """
     b = batch.shape[0]
     offset = jax.lax.axis_index(axis_name) * b if axis_name else 0
@@ -67,11 +72,15 @@ def train_step(cfg: StepConfig, state: TrainState, schedule: Schedule, batch, *,
     if axis_name:
         grads = jax.lax.pmean(grads, axis_name)
         loss = jax.lax.pmean(loss, axis_name)
+    grad_norm = optax.tree_utils.tree_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)  # any NaN/Inf entry (or overflow) makes the norm non-finite
     updates, opt_state = cfg.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = ema_update(state.ema_params, params, ema_decay_at(state.step, cfg.ema_decay))
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
-    return new_state, {"loss": loss, "grad_norm": optax.tree_utils.tree_norm(grads)}
+    keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+    new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
+                              opt_state=keep(opt_state, state.opt_state), ema_params=keep(ema, state.ema_params))
+    return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite.astype(jnp.float32)}
 
 
 def eval_step(cfg: StepConfig, params, schedule: Schedule, batch, mask, key, example_ids) -> Dict[str, jnp.ndarray]:
@@ -85,6 +94,10 @@ def eval_step(cfg: StepConfig, params, schedule: Schedule, batch, mask, key, exa
     model_fn = make_model_fn(cfg.apply_fn, params, time_input=cfg.time_input, num_steps=schedule.num_steps)
     _, aux = cfg.loss_fn(model_fn, schedule, batch, keys)
     return {"loss_sum": jnp.sum(aux["per_example"] * mask), "count": jnp.sum(mask)}
+
+
+def _is_global(x, sharding) -> bool:
+    return isinstance(x, jax.Array) and x.sharding == sharding
 
 
 class Parallel:
@@ -111,13 +124,15 @@ class Parallel:
                 functools.partial(train_step, cfg, axis_name=data.DATA_AXIS),
                 axis_name=data.DATA_AXIS, in_axes=(0, None, 0), donate_argnums=(0,),
             )
-        self._eval = jax.jit(functools.partial(eval_step, cfg))
+        self._eval = jax.jit(functools.partial(eval_step, cfg), out_shardings=self.replicated)
 
     # -- placement -----------------------------------------------------------------------------
     def put_state(self, state: TrainState):
         """Host or device state -> the form the step takes (replicated). The step donates its
         state, so arrays passed here may be consumed: keep a host copy to reuse them."""
         if self.mode == "jit":
+            if jax.process_count() > 1:  # host values (equal on every process) -> one global array
+                state = jax.tree_util.tree_map(lambda x: x if _is_global(x, self.replicated) else np.asarray(x), state)
             return jax.device_put(state, self.replicated)
         devices = jax.local_devices()
         stacked = NamedSharding(jax.sharding.Mesh(np.array(devices), ("replica",)), P("replica"))
@@ -148,11 +163,14 @@ class Parallel:
         return state, metrics
 
     def evaluate(self, params, schedule: Schedule, images: np.ndarray, key, batch_size: int) -> float:
-        """Mean per-example loss over ``images`` (N, H, W, C), in padded, masked batches."""
+        """Mean per-example loss over ``images`` (N, H, W, C), in padded, masked batches of the
+        global ``batch_size``; with several processes each feeds its slice of every batch."""
         n = images.shape[0]
         if n == 0:
             return float("nan")
-        params = self.put_replicated(params)
+        params = self.put_state(params) if self.mode == "jit" else self.put_replicated(params)
+        pc, pi = jax.process_count(), jax.process_index()
+        lb = batch_size // pc
         sums = []
         for start in range(0, n, batch_size):
             chunk = images[start:start + batch_size]
@@ -162,7 +180,9 @@ class Parallel:
                 chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
             mask = np.concatenate([np.ones(m, np.float32), np.zeros(pad, np.float32)])
             ids = np.arange(start, start + batch_size, dtype=np.int32)
-            out = self._eval(params, schedule, data.shard_batch(chunk, self.mesh), data.shard_batch(mask, self.mesh), key, data.shard_batch(ids, self.mesh))
+            mine = slice(pi * lb, (pi + 1) * lb)
+            out = self._eval(params, schedule, *(data.shard_batch(a[mine], self.mesh) for a in (chunk, mask)), key,
+                             data.shard_batch(ids[mine], self.mesh))
             sums.append(out)
         tot = jax.device_get(sums)
         return float(sum(o["loss_sum"] for o in tot) / sum(o["count"] for o in tot))

@@ -13,6 +13,7 @@ SIGTERM. Outputs (only process 0 writes):
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import signal
@@ -33,7 +34,11 @@ from ddpm_jax.train_state import create_train_state, make_optimizer
 from ddpm_jax.train_step import Parallel, StepConfig
 from ddpm_jax.writers import MetricWriter, read_metrics
 
-__all__ = ["train_and_evaluate", "prepare_workdir", "build_schedule", "build_model", "RESUME_MUST_MATCH"]
+__all__ = ["train_and_evaluate", "prepare_workdir", "build_schedule", "build_model", "RESUME_MUST_MATCH", "NonFiniteError"]
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps had a NaN/Inf loss or gradient; the run stopped without saving."""
 
 #: Config keys that must agree between a run and the checkpoints it resumes from.
 RESUME_MUST_MATCH = (
@@ -176,6 +181,8 @@ def train_and_evaluate(config, workdir: str, *, arrays: Optional[Dict[str, np.nd
     _log(f"devices: {jax.device_count()} x {jax.devices()[0].platform} ({par.mode}), "
          f"{jax.process_count()} process(es); global batch {batch_size}")
     state = create_train_state(params, tx, train_key)
+    # jit: restore straight into the replicated (global, with several hosts) layout; pmap: on the host.
+    state = par.put_state(state) if par.mode == "jit" else state
 
     ckpt = Checkpointer(ckpt_dir, every_steps=config.checkpoint.every_steps, keep=config.checkpoint.keep)
     start = 0
@@ -191,7 +198,7 @@ def train_and_evaluate(config, workdir: str, *, arrays: Optional[Dict[str, np.nd
     n_grid = config.train.num_grid_samples
     param_kind = objectives.PREDICTS[config.objective.name]
 
-    @jax.jit
+    @functools.partial(jax.jit, out_shardings=par.replicated)  # every process gets the whole grid
     def sample_grid(ema_params, sched, key):
         fn = make_model_fn(model.apply, ema_params, time_input=config.model.time_input, num_steps=sched.num_steps)
         return sampling.sample(fn, sched, (n_grid,) + image_shape, key, method=config.sampling.method,
@@ -224,6 +231,8 @@ def train_and_evaluate(config, workdir: str, *, arrays: Optional[Dict[str, np.nd
     del state
     last_train, last_eval = float("nan"), {}
     stopped_by = None
+    max_bad = config.train.max_nonfinite_steps
+    bad_streak, bad_total = 0, 0  # steps skipped for a non-finite loss/gradient: in a row, in all
     pending = []
     t_log, n_log = time.time(), 0
     log_every = config.train.log_every_steps
@@ -245,12 +254,22 @@ def train_and_evaluate(config, workdir: str, *, arrays: Optional[Dict[str, np.nd
                 if step % log_every == 0 or step == total_steps or flag["stop"]:
                     fetched = jax.device_get(pending)
                     pending = []
-                    last_train = float(np.mean([m["loss"] for m in fetched]))
+                    good = [m for m in fetched if m["finite"]]
+                    for m in fetched:
+                        bad_streak = 0 if m["finite"] else bad_streak + 1
+                        if bad_streak >= max_bad:
+                            stopped_by = "nonfinite"
+                    bad_total += len(fetched) - len(good)
+                    last_train = float(np.mean([m["loss"] for m in good])) if good else float("nan")
                     dt = time.time() - t_log
                     ips = n_log * batch_size / dt if dt > 0 else float("nan")
                     t_log, n_log = time.time(), 0
-                    writer.write(step, {"train/loss": last_train, "train/grad_norm": float(np.mean([m["grad_norm"] for m in fetched])),
-                                        "train/images_per_sec": ips, "train/epoch": step / spe})
+                    writer.write(step, {"train/loss": last_train,
+                                        "train/grad_norm": float(np.mean([m["grad_norm"] for m in good])) if good else float("nan"),
+                                        "train/images_per_sec": ips, "train/epoch": step / spe,
+                                        "train/nonfinite_steps": bad_total})
+                    if stopped_by == "nonfinite":
+                        break
                     bar.set_postfix(loss=f"{last_train:.4g}", img_s=f"{ips:.0f}", epoch=f"{step / spe:.2f}")
                 if step % spe == 0 and step < total_steps:
                     t_epoch_end = time.time()
@@ -273,9 +292,17 @@ def train_and_evaluate(config, workdir: str, *, arrays: Optional[Dict[str, np.nd
         finally:
             bar.close()
             final = par.get_state(state_dev)
-            if ckpt.latest_step() != step:
+            if ckpt.latest_step() != step and stopped_by != "nonfinite":
                 ckpt.save(step, final, meta_for(step), force=True)
             ckpt.wait()
+    if stopped_by == "nonfinite":
+        writer.close()
+        ckpt.close()
+        raise NonFiniteError(
+            f"stopped at step {step}: {bad_streak} steps in a row had a NaN/Inf loss or gradient "
+            f"(train.max_nonfinite_steps={max_bad}); their updates were skipped and nothing was saved, so the "
+            f"last checkpoint (step {ckpt.latest_step()}) is intact. Lower optim.learning_rate, set "
+            "optim.grad_clip_norm, or check the data for NaNs")
     if stopped_by:
         _log(f"stopped by {stopped_by} at step {step}: checkpoint saved in {ckpt_dir}; run the same command to resume")
     else:

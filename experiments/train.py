@@ -3,6 +3,10 @@
 Any config key can be overridden, e.g. ``--config.train.batch_size=128``; offline data:
 ``--config.data.source=idx --config.data.path=../shared/data/mnist``. Running the same command
 again resumes from the latest checkpoint in ``--workdir``.
+
+Multi-host: start one process per host with ``--distributed`` (the cluster is detected on SLURM
+and TPU VMs) or with ``--coordinator_address=HOST:PORT --num_processes=N --process_id=I``; all
+processes need the same command and a shared ``--workdir``. See README.md.
 """
 
 import sys
@@ -15,7 +19,27 @@ from ddpm_jax.checkpointing import CheckpointError
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file, e.g. configs/mnist.py or configs/mnist.py:mean.", lock_config=True)
 flags.DEFINE_string("workdir", "runs/mnist", "Directory for checkpoints, metrics, samples; an existing run there is resumed.")
+flags.DEFINE_bool("distributed", False, "Initialise jax.distributed for a multi-host run. With no other flag the "
+                  "cluster is detected (SLURM, TPU VMs, ...); or give the three flags below.")
+flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0 (implies --distributed).")
+flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes (implies --distributed).")
+flags.DEFINE_integer("process_id", None, "Multi-host: this process's index in 0..num_processes-1 (implies --distributed).")
 flags.mark_flags_as_required(["config"])
+
+
+def _init_distributed() -> None:
+    """``jax.distributed.initialize`` before any JAX computation, when asked for."""
+    explicit = {k: FLAGS[k].value for k in ("coordinator_address", "num_processes", "process_id") if FLAGS[k].value is not None}
+    if not (FLAGS.distributed or explicit):
+        return
+    if explicit and len(explicit) != 3:
+        missing = sorted({"coordinator_address", "num_processes", "process_id"} - set(explicit))
+        raise app.UsageError(f"multi-host: also give --{' --'.join(missing)} (or none of them, to auto-detect)")
+    if explicit and not 0 <= explicit["process_id"] < explicit["num_processes"]:
+        raise app.UsageError(f"--process_id={explicit['process_id']} is not in 0..{explicit['num_processes'] - 1}")
+    import jax
+
+    jax.distributed.initialize(**explicit)
 
 
 def main(argv):
@@ -23,7 +47,8 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not FLAGS["verbosity"].present:  # orbax logs every save at INFO; keep the console readable
         logging.set_verbosity(logging.WARNING)
-    from ddpm_jax.trainer import train_and_evaluate
+    _init_distributed()
+    from ddpm_jax.trainer import NonFiniteError, train_and_evaluate
 
     try:
         train_and_evaluate(FLAGS.config, FLAGS.workdir)
@@ -31,6 +56,9 @@ def main(argv):
         # Bad input: one clear line, no traceback, non-zero exit.
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
 
 
 if __name__ == "__main__":
