@@ -107,3 +107,16 @@ def tiny_config(objective="eps", **overrides):
             node = node[p]
         node[last] = v
     return c
+
+
+def cli_args(idx_dir, workdir, steps, **overrides):
+    """``experiments.train`` arguments for a tiny run (8x8 IDX data, T = 20, batch 16, a
+    checkpoint every 3 steps); ``overrides`` replace or add config keys, with the dots as
+    double underscores: ``cli_args(d, w, 6, train__log_every_steps=1)``."""
+    keys = {
+        "data.source": "idx", "data.path": idx_dir, "data.train_size": 48, "data.val_size": 16,
+        "schedule.num_steps": 20, "train.batch_size": 16, "train.num_steps": steps, "train.log_every_steps": 2,
+        "train.num_grid_samples": 4, "checkpoint.every_steps": 3,
+    }
+    keys.update({k.replace("__", "."): v for k, v in overrides.items()})
+    return ["--config", "configs/mnist.py", "--workdir", str(workdir)] + [f"--config.{k}={v}" for k, v in keys.items()]

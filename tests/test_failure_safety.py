@@ -26,7 +26,7 @@ from ddpm_jax.checkpointing import CheckpointError
 from ddpm_jax.config import ConfigError
 from ddpm_jax.runs import load_run
 from ddpm_jax.trainer import NonFiniteError, train_and_evaluate
-from helpers import REPO, STD_NAMES, make_digits_like, tiny_config, write_dir
+from helpers import REPO, STD_NAMES, cli_args, make_digits_like, tiny_config, write_dir
 
 ARRAYS = {k: (v[..., None] if k.endswith("images") else v.astype(np.int32)) for k, v in make_digits_like().items()}
 
@@ -121,15 +121,10 @@ def test_too_many_nonfinite_steps_stop_the_run_and_keep_the_last_good_checkpoint
 
 
 def _cli_args(idx_dir, workdir, steps, every=3):
-    return [
-        "--config", "configs/mnist.py", "--workdir", str(workdir),
-        "--config.data.source=idx", f"--config.data.path={idx_dir}",
-        "--config.data.train_size=48", "--config.data.val_size=16",
-        "--config.schedule.num_steps=20", "--config.train.batch_size=16",
-        f"--config.train.num_steps={steps}", "--config.train.log_every_steps=1",
-        "--config.train.num_grid_samples=4", f"--config.checkpoint.every_steps={every}",
-        "--config.train.sample_every_epochs=0", "--config.train.eval_every_epochs=0",
-    ]
+    """A tiny run logging every step, checkpointing every ``every`` steps, with no per-epoch
+    evaluation or sample grids (the tests time signals against steps)."""
+    return cli_args(idx_dir, workdir, steps, train__log_every_steps=1, checkpoint__every_steps=every,
+                    train__sample_every_epochs=0, train__eval_every_epochs=0)
 
 
 def _env(**extra):
@@ -224,9 +219,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _losses(workdir):
+def _losses(workdir, key="train/loss"):
     rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+    return {r["step"]: r[key] for r in rows if key in r}
 
 
 def test_two_processes_of_two_devices_equal_one_process_of_four(tmp_path, idx_dir):
@@ -237,7 +232,8 @@ def test_two_processes_of_two_devices_equal_one_process_of_four(tmp_path, idx_di
     times the ~100 terms of the reduction, with room for three Adam steps of drift), and only
     process 0 writes metrics, while both write the shared checkpoint collectively."""
     steps = 6
-    args = _cli_args(idx_dir, tmp_path / "multi", steps) + ["--config.train.eval_every_epochs=1"]
+    flags = dict(train__log_every_steps=1, train__sample_every_epochs=0, train__eval_every_epochs=1)
+    args = cli_args(idx_dir, tmp_path / "multi", steps, **flags)
     port = _free_port()
     procs = [subprocess.Popen([sys.executable, "-m", "experiments.train", *args, f"--coordinator_address=127.0.0.1:{port}",
                                "--num_processes=2", f"--process_id={i}"], cwd=REPO, stdout=subprocess.PIPE,
@@ -249,8 +245,8 @@ def test_two_processes_of_two_devices_equal_one_process_of_four(tmp_path, idx_di
         assert p.returncode == 0, out[-3000:]
     assert "devices: 4 x cpu (jit), 2 process(es)" in outs[0] and "done: step 6" in outs[0]
     assert "done: step" not in outs[1]  # only process 0 prints and writes
-    single = subprocess.run([sys.executable, "-m", "experiments.train", *_cli_args(idx_dir, tmp_path / "single", steps),
-                             "--config.train.eval_every_epochs=1"], cwd=REPO, capture_output=True, text=True,
+    single = subprocess.run([sys.executable, "-m", "experiments.train", *cli_args(idx_dir, tmp_path / "single", steps, **flags)],
+                            cwd=REPO, capture_output=True, text=True,
                             env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"), timeout=600)
     assert single.returncode == 0, single.stderr[-3000:]
     assert "devices: 4 x cpu (jit), 1 process(es)" in single.stdout
@@ -258,6 +254,11 @@ def test_two_processes_of_two_devices_equal_one_process_of_four(tmp_path, idx_di
     assert sorted(multi) == sorted(one) == list(range(1, steps + 1))
     for s in one:
         assert multi[s] == pytest.approx(one[s], rel=1e-5), (s, multi[s], one[s])
+    # the validation loss, each process evaluating its slice of every batch (epochs end at 3 and 6)
+    val_multi, val_one = _losses(tmp_path / "multi", "val/loss"), _losses(tmp_path / "single", "val/loss")
+    assert sorted(val_multi) == sorted(val_one) == [3, 6]
+    for s in val_one:
+        assert val_multi[s] == pytest.approx(val_one[s], rel=1e-5), (s, val_multi[s], val_one[s])
     assert load_run(str(tmp_path / "multi")).step == steps
 
 

@@ -23,7 +23,7 @@ from ddpm_jax.models import make_model
 from ddpm_jax.train_state import create_train_state, ema_decay_at, make_lr_schedule, make_optimizer
 from ddpm_jax.train_step import Parallel, StepConfig
 from ddpm_jax.trainer import build_schedule, train_and_evaluate
-from helpers import REPO, STD_NAMES, make_digits_like, tiny_config, write_dir
+from helpers import REPO, STD_NAMES, cli_args, make_digits_like, tiny_config, write_dir
 
 ARRAYS = {k: (v[..., None] if k.endswith("images") else v.astype(np.int32)) for k, v in make_digits_like().items()}
 
@@ -248,24 +248,13 @@ def _cli(args, **kw):
     return subprocess.run([sys.executable, "-m", "experiments.train", *args], cwd=REPO, capture_output=True, text=True, env=env, **kw)
 
 
-def _cli_args(idx_dir, workdir, steps):
-    return [
-        "--config", "configs/mnist.py", "--workdir", str(workdir),
-        "--config.data.source=idx", f"--config.data.path={idx_dir}",
-        "--config.data.train_size=48", "--config.data.val_size=16",
-        "--config.schedule.num_steps=20", "--config.train.batch_size=16",
-        f"--config.train.num_steps={steps}", "--config.train.log_every_steps=2",
-        "--config.train.num_grid_samples=4", "--config.checkpoint.every_steps=3",
-    ]
-
-
 def test_cli_trains_on_an_idx_directory_and_resumes(tmp_path):
     idx_dir = write_dir(tmp_path / "idx", make_digits_like(), STD_NAMES, ".gz")
     work = tmp_path / "run"
-    first = _cli(_cli_args(idx_dir, work, 3), timeout=600)
+    first = _cli(cli_args(idx_dir, work, 3), timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "params=165,865" in first.stdout and "done: step 3" in first.stdout
-    second = _cli(_cli_args(idx_dir, work, 6), timeout=600)
+    second = _cli(cli_args(idx_dir, work, 6), timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stdout and "at step 3" in second.stdout and "done: step 6" in second.stdout
     assert os.path.exists(work / "samples" / "final.png")
@@ -288,6 +277,6 @@ def test_cli_trains_on_an_idx_directory_and_resumes(tmp_path):
                                  "--num_steps", "5"], cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
     assert bad_sample.returncode == 2 and "needs method='ddim'" in bad_sample.stderr
     # bad input: a missing data directory is one line on stderr and a non-zero exit
-    bad = _cli(_cli_args(tmp_path / "nowhere", tmp_path / "run2", 3), timeout=300)
+    bad = _cli(cli_args(tmp_path / "nowhere", tmp_path / "run2", 3), timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error:")
     assert "nowhere" in bad.stderr

@@ -1,0 +1,139 @@
+"""Speed and memory of the training step and the sampler.
+
+    python -m benchmarks.run                       # small and medium, a table
+    python -m benchmarks.run --preset small --json # one JSON object per line
+
+Measured after warm-up, as medians over repeated timed blocks (the machine may be noisy):
+
+- ``train_images_per_sec``: the full jitted training step (ε objective, Adam, EMA), batch 100,
+  28×28×1, data already on the device — what ``experiments.train`` runs each step;
+- ``train_compile_s`` / ``sample_compile_s``: lowering + XLA compilation of the step and of the
+  whole ``lax.scan`` sampler;
+- ``train_gflops_per_image`` and ``train_gflop_per_sec``: XLA's cost analysis of the compiled
+  step (FLOPs per image) and what the measured throughput achieves with it;
+- ``sample_images_per_sec``: ``'eps_ddpm'`` with T = 200, batch 256;
+- ``peak_rss_mib``: the process's peak resident memory so far.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from ddpm_jax import objectives, sampling, schedules
+from ddpm_jax.models import make_model, make_model_fn
+from ddpm_jax.train_state import create_train_state, make_optimizer
+from ddpm_jax.train_step import Parallel, StepConfig
+
+IMAGE_SHAPE = (28, 28, 1)
+
+
+def _optim_config(lr: float = 0.01) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(learning_rate=lr, rho_learning_rate=0.2, b1=0.9, b2=0.999, eps=1e-8,
+                                          decay_factor=0.1, decay_every_epochs=20, warmup_steps=0, grad_clip_norm=1.0))
+
+
+def _median_rate(fn, items_per_call: int, *, blocks: int, calls_per_block: int) -> float:
+    """Median over ``blocks`` of items/s, each block ``calls_per_block`` calls of ``fn`` (which
+    must block until its result is ready)."""
+    rates = []
+    for _ in range(blocks):
+        t0 = time.perf_counter()
+        for _ in range(calls_per_block):
+            fn()
+        rates.append(items_per_call * calls_per_block / (time.perf_counter() - t0))
+    return statistics.median(rates)
+
+
+def bench_train(preset: str, *, batch: int = 100, blocks: int = 5, steps: int = 20):
+    model = make_model(preset, image_shape=IMAGE_SHAPE)
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1,) + IMAGE_SHAPE), jnp.ones((1,)))["params"]
+    tx = make_optimizer(_optim_config(), steps_per_epoch=500, params=params)
+    loss_fn = objectives.get_objective("eps", weighting="simple", reduction="sum")
+    par = Parallel(StepConfig(model.apply, loss_fn, tx, 0.999, "index"), mode="jit")
+    schedule = schedules.make_schedule("linear", 200, beta_start=1e-4, beta_end=0.1)
+    state = par.put_state(create_train_state(params, tx, jax.random.PRNGKey(1)))
+    x = par.put_batch(np.random.default_rng(0).random((batch,) + IMAGE_SHAPE, dtype=np.float32))
+
+    t0 = time.perf_counter()
+    compiled = par._train.lower(state, schedule, x).compile()
+    compile_s = time.perf_counter() - t0
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+
+    box = {"state": state}
+
+    def step():
+        box["state"], m = compiled(box["state"], schedule, x)
+        m["loss"].block_until_ready()
+
+    for _ in range(5):  # warm-up
+        step()
+    ips = _median_rate(step, batch, blocks=blocks, calls_per_block=steps)
+    return [
+        ("train_images_per_sec", ips, "images/s"),
+        ("train_compile_s", compile_s, "s"),
+        ("train_gflops_per_image", flops / batch / 1e9, "GFLOP"),
+        ("train_gflop_per_sec", flops / batch * ips / 1e9, "GFLOP/s"),
+    ]
+
+
+def bench_sample(preset: str, *, batch: int = 256, blocks: int = 3):
+    model = make_model(preset, image_shape=IMAGE_SHAPE)
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1,) + IMAGE_SHAPE), jnp.ones((1,)))["params"]
+    schedule = schedules.make_schedule("linear", 200, beta_start=1e-4, beta_end=0.1)
+
+    def draw(p, key):
+        fn = make_model_fn(model.apply, p, num_steps=200)
+        return sampling.sample(fn, schedule, (batch,) + IMAGE_SHAPE, key, method="eps_ddpm", ddpm_variance="beta")
+
+    key = jax.random.PRNGKey(0)
+    t0 = time.perf_counter()
+    compiled = jax.jit(draw).lower(params, key).compile()
+    compile_s = time.perf_counter() - t0
+    compiled(params, key).block_until_ready()  # warm-up
+    ips = _median_rate(lambda: compiled(params, key).block_until_ready(), batch, blocks=blocks, calls_per_block=1)
+    return [("sample_images_per_sec", ips, "images/s"), ("sample_compile_s", compile_s, "s")]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", choices=("small", "medium"), action="append",
+                    help="U-Net preset(s) to measure (default: small and medium)")
+    ap.add_argument("--json", action="store_true", help="one JSON object per line")
+    ap.add_argument("--skip_sampling", action="store_true", help="training only")
+    ap.add_argument("--blocks", type=int, default=5, help="timed blocks per measurement (median reported)")
+    args = ap.parse_args(argv)
+    presets = args.preset or ["small", "medium"]
+    device = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
+    rows = []
+    for preset in presets:
+        # fewer steps per block for medium (13x the FLOPs) keeps each block ~ a few seconds
+        results = bench_train(preset, blocks=args.blocks, steps=20 if preset == "small" else 4)
+        if not args.skip_sampling:
+            results += bench_sample(preset, blocks=max(1, args.blocks // 2))
+        results.append(("peak_rss_mib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "MiB"))
+        for name, value, unit in results:
+            rows.append({"name": name, "preset": preset, "value": round(float(value), 4), "unit": unit,
+                         "device": device, "jax": jax.__version__})
+            if args.json:
+                print(json.dumps(rows[-1]), flush=True)
+    if not args.json:
+        print(f"{'preset':8s} {'measure':26s} {'value':>12s}  unit   ({device}, jax {jax.__version__})")
+        for r in rows:
+            print(f"{r['preset']:8s} {r['name']:26s} {r['value']:12.4g}  {r['unit']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
