@@ -115,12 +115,14 @@ def validate_config(config) -> None:
         raise ConfigError(f"config.schedule: {e}") from None
 
     from ddpm_jax.models import PRESETS  # the model module imports flax; keep it local
+    from ddpm_jax.models.unet import CONV_IMPLS
 
     _choice(config, "model.preset", PRESETS)
     _int(config, "model.embed_dim", minimum=2)
     _int(config, "model.num_groups", minimum=1)
     _float(config, "model.fourier_scale", low=0.0, low_open=True)
     _choice(config, "model.time_input", TIME_INPUTS)
+    _choice(config, "model.conv_impl", CONV_IMPLS)
     rho = _get(config, "model.rho_head")
     if not isinstance(rho, bool):
         raise ConfigError(f"config.model.rho_head = {rho!r}: must be True or False")

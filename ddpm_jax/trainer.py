@@ -79,7 +79,11 @@ def _get(d: Dict[str, Any], dotted: str):
 def _check_resume_compatible(saved: Optional[Dict[str, Any]], current: Dict[str, Any], workdir: str) -> None:
     if saved is None:
         return
-    diffs = [k for k in RESUME_MUST_MATCH if _get(saved, k) != _get(current, k)]
+    def norm(cfg, k):  # how the convolutions are computed does not change the parameters
+        v = _get(cfg, k)
+        return {kk: vv for kk, vv in v.items() if kk != "conv_impl"} if k == "model" and isinstance(v, dict) else v
+
+    diffs = [k for k in RESUME_MUST_MATCH if norm(saved, k) != norm(current, k)]
     if diffs:
         k = diffs[0]
         raise ConfigError(
@@ -96,7 +100,8 @@ def build_schedule(config) -> schedules.Schedule:
 def build_model(config, image_shape):
     m = config.model
     return make_model(m.preset, image_shape=image_shape, rho_head=m.rho_head, embed_dim=m.embed_dim,
-                      num_groups=m.num_groups, fourier_scale=m.fourier_scale)
+                      num_groups=m.num_groups, fourier_scale=m.fourier_scale,
+                      conv_impl=m.get("conv_impl", "stride1"))  # runs saved before the key existed
 
 
 @contextlib.contextmanager

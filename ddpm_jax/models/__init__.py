@@ -52,8 +52,11 @@ PRESETS = {
 
 def make_model(preset_or_channels: Union[str, Sequence[int]], *, image_shape: Sequence[int],
                rho_head: bool = False, embed_dim: int = 256, num_groups: int = 4,
-               fourier_scale: float = 30.0, dtype: Any = jnp.float32) -> ScoreNet:
+               fourier_scale: float = 30.0, dtype: Any = jnp.float32, conv_impl: str = "xla") -> ScoreNet:
     """Builds a ``ScoreNet`` from a preset name ('small' | 'medium' | 'large') or 4 widths.
+
+    ``conv_impl`` picks how the stride-2 convolutions are computed ('xla' | 'stride1', see
+    :data:`ddpm_jax.models.unet.CONV_IMPLS`); parameters and results are the same.
 
     ``image_shape`` is ``(H, W, C)``; the output has ``C`` channels. The configuration is
     validated here (an abstract ``init`` via ``jax.eval_shape``: no FLOPs, no memory), so a bad
@@ -70,7 +73,7 @@ def make_model(preset_or_channels: Union[str, Sequence[int]], *, image_shape: Se
     check_image_shape(image_shape)
     model = ScoreNet(channels=tuple(int(c) for c in channels), embed_dim=embed_dim,
                      num_groups=num_groups, fourier_scale=fourier_scale, out_channels=None,
-                     rho_head=rho_head, dtype=dtype)
+                     rho_head=rho_head, dtype=dtype, conv_impl=conv_impl)
     x = jax.ShapeDtypeStruct((1, *tuple(int(d) for d in image_shape)), jnp.float32)
     t = jax.ShapeDtypeStruct((1,), jnp.float32)
     jax.eval_shape(model.init, jax.random.PRNGKey(0), x, t)

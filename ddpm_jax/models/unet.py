@@ -42,10 +42,14 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from ddpm_jax.models import conv_ops
+
 __all__ = [
     "ScoreNet",
     "GaussianFourierFeatures",
     "ConvTranspose",
+    "StridedConv",
+    "CONV_IMPLS",
     "torch_uniform_init",
     "check_config",
     "check_image_shape",
@@ -61,6 +65,11 @@ MIN_IMAGE_SIZE = 2**NUM_DOWNSAMPLES
 
 _KERNEL = 3
 _PAD = 1
+
+#: How the stride-2 convolutions are computed: 'xla' (strided / input-dilated convolutions as
+#: written) or 'stride1' (the exact stride-1 reformulations of :mod:`conv_ops`, much faster on
+#: CPU). Same parameters, same numbers up to float rounding.
+CONV_IMPLS = ("xla", "stride1")
 
 
 def torch_uniform_init(fan_in: int):
@@ -180,6 +189,7 @@ class ConvTranspose(nn.Module):
     kernel_size: int = _KERNEL
     use_bias: bool = False
     dtype: Any = jnp.float32
+    impl: str = "xla"  # 'stride1': conv_ops' four-phase form (stride 2, k 3, padding 1 only)
 
     @nn.compact
     def __call__(self, x):
@@ -187,20 +197,38 @@ class ConvTranspose(nn.Module):
         cin = x.shape[-1]
         fan_in = self.features * k * k  # PyTorch's ConvTranspose2d quirk, see docstring
         kernel = self.param("kernel", torch_uniform_init(fan_in), (k, k, cin, self.features))
-        lo = k - 1 - self.padding
-        pads = [(lo, lo + op) for op in self.output_padding]
-        y = jax.lax.conv_general_dilated(
-            x.astype(self.dtype),
-            jnp.flip(kernel, (0, 1)).astype(self.dtype),
-            window_strides=(1, 1),
-            padding=pads,
-            lhs_dilation=(self.stride, self.stride),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        )
+        if self.impl == "stride1" and (self.stride, k, self.padding) == (2, 3, 1):
+            y = conv_ops.conv_transpose3x3_stride2(x.astype(self.dtype), kernel.astype(self.dtype), self.output_padding)
+        else:
+            lo = k - 1 - self.padding
+            pads = [(lo, lo + op) for op in self.output_padding]
+            y = jax.lax.conv_general_dilated(
+                x.astype(self.dtype),
+                jnp.flip(kernel, (0, 1)).astype(self.dtype),
+                window_strides=(1, 1),
+                padding=pads,
+                lhs_dilation=(self.stride, self.stride),
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            )
         if self.use_bias:
             bias = self.param("bias", torch_uniform_init(fan_in), (self.features,))
             y = y + bias.astype(self.dtype)
         return y
+
+
+class StridedConv(nn.Module):
+    """3×3 convolution, stride 2, padding 1, no bias, computed as :func:`conv_ops.conv3x3_stride2`
+    (space-to-depth + a stride-1 convolution). Parameters are ``nn.Conv``'s: ``kernel`` of shape
+    ``(3, 3, Cin, features)``, so the two are interchangeable in a checkpoint."""
+
+    features: int
+    kernel_init: Any
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", self.kernel_init, (_KERNEL, _KERNEL, x.shape[-1], self.features))
+        return conv_ops.conv3x3_stride2(x.astype(self.dtype), kernel.astype(self.dtype))
 
 
 class ScoreNet(nn.Module):
@@ -216,6 +244,8 @@ class ScoreNet(nn.Module):
         ``params['rho1']`` (both initialised to 1) instead of the raw network output δ.
       dtype: computation dtype of convolutions and dense layers (params stay float32; the Fourier
         features and GroupNorm statistics are computed in float32; the output is float32).
+      conv_impl: 'xla' or 'stride1' (see ``CONV_IMPLS``): how the stride-2 convolutions and
+        transposed convolutions are computed; the parameters are the same either way.
 
     Call: ``x`` ``(B, H, W, C)`` float, ``t`` ``(B,)`` (or a scalar, broadcast) ints or floats used
     as given → ``(B, H, W, out_channels)`` float32. Unusable shapes or widths raise ``ValueError``
@@ -229,12 +259,15 @@ class ScoreNet(nn.Module):
     out_channels: Optional[int] = None
     rho_head: bool = False
     dtype: Any = jnp.float32
+    conv_impl: str = "xla"
 
     def _dense(self, features: int, fan_in: int, name: str):
         init = torch_uniform_init(fan_in)
         return nn.Dense(features, kernel_init=init, bias_init=init, dtype=self.dtype, name=name)
 
     def _conv(self, features: int, stride: int, cin: int, name: str):
+        if stride == 2 and self.conv_impl == "stride1":
+            return StridedConv(features, kernel_init=torch_uniform_init(cin * _KERNEL * _KERNEL), dtype=self.dtype, name=name)
         return nn.Conv(features, (_KERNEL, _KERNEL), strides=(stride, stride),
                        padding=((_PAD, _PAD), (_PAD, _PAD)), use_bias=False,
                        kernel_init=torch_uniform_init(cin * _KERNEL * _KERNEL),
@@ -249,6 +282,8 @@ class ScoreNet(nn.Module):
         if x.ndim != 4:
             raise ValueError(f"ScoreNet: x must be (B, H, W, C), got shape {x.shape}")
         check_config(self.channels, self.embed_dim, self.num_groups)
+        if self.conv_impl not in CONV_IMPLS:
+            raise ValueError(f"ScoreNet: unknown conv_impl {self.conv_impl!r}; valid: {CONV_IMPLS}")
         check_image_shape(x.shape[1:])
         B, H, W, C = x.shape
         out_ch = C if self.out_channels is None else int(self.out_channels)
@@ -284,7 +319,7 @@ class ScoreNet(nn.Module):
         def up(features, h, skip_shape, name):
             op = tuple(_output_padding(a, b) for a, b in zip(h.shape[1:3], skip_shape[1:3]))
             return ConvTranspose(features, stride=2, output_padding=op, dtype=self.dtype,
-                                 name=name)(h)
+                                 impl=self.conv_impl, name=name)(h)
 
         # Decoder.
         u = act(self._norm("tnorm4")(up(c3, h4, h3.shape, "tconv4") + tbias(c3, "dense5")))
