@@ -12,7 +12,9 @@ Measured after warm-up, as medians over repeated timed blocks (the machine may b
 - ``train_gflops_per_image`` and ``train_gflop_per_sec``: XLA's cost analysis of the compiled
   step (FLOPs per image) and what the measured throughput achieves with it;
 - ``sample_images_per_sec``: ``'eps_ddpm'`` with T = 200, batch 256;
-- ``peak_rss_mib``: the process's peak resident memory so far.
+- ``peak_rss_mib``: the process's peak resident memory so far (cumulative across the rows).
+
+``--conv_impl xla --conv_impl stride1`` measures both formulations of the stride-2 convolutions.
 """
 
 from __future__ import annotations
@@ -54,8 +56,8 @@ def _median_rate(fn, items_per_call: int, *, blocks: int, calls_per_block: int) 
     return statistics.median(rates)
 
 
-def bench_train(preset: str, *, batch: int = 100, blocks: int = 5, steps: int = 20):
-    model = make_model(preset, image_shape=IMAGE_SHAPE)
+def bench_train(preset: str, *, conv_impl: str = "stride1", batch: int = 100, blocks: int = 5, steps: int = 20):
+    model = make_model(preset, image_shape=IMAGE_SHAPE, conv_impl=conv_impl)
     params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1,) + IMAGE_SHAPE), jnp.ones((1,)))["params"]
     tx = make_optimizer(_optim_config(), steps_per_epoch=500, params=params)
     loss_fn = objectives.get_objective("eps", weighting="simple", reduction="sum")
@@ -88,8 +90,8 @@ def bench_train(preset: str, *, batch: int = 100, blocks: int = 5, steps: int = 
     ]
 
 
-def bench_sample(preset: str, *, batch: int = 256, blocks: int = 3):
-    model = make_model(preset, image_shape=IMAGE_SHAPE)
+def bench_sample(preset: str, *, conv_impl: str = "stride1", batch: int = 256, blocks: int = 3):
+    model = make_model(preset, image_shape=IMAGE_SHAPE, conv_impl=conv_impl)
     params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1,) + IMAGE_SHAPE), jnp.ones((1,)))["params"]
     schedule = schedules.make_schedule("linear", 200, beta_start=1e-4, beta_end=0.1)
 
@@ -110,6 +112,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", choices=("small", "medium"), action="append",
                     help="U-Net preset(s) to measure (default: small and medium)")
+    ap.add_argument("--conv_impl", choices=("stride1", "xla"), action="append",
+                    help="how the stride-2 convolutions are computed (default: stride1, the config default)")
     ap.add_argument("--json", action="store_true", help="one JSON object per line")
     ap.add_argument("--skip_sampling", action="store_true", help="training only")
     ap.add_argument("--blocks", type=int, default=5, help="timed blocks per measurement (median reported)")
@@ -118,20 +122,21 @@ def main(argv=None) -> int:
     device = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
     rows = []
     for preset in presets:
-        # fewer steps per block for medium (13x the FLOPs) keeps each block ~ a few seconds
-        results = bench_train(preset, blocks=args.blocks, steps=20 if preset == "small" else 4)
-        if not args.skip_sampling:
-            results += bench_sample(preset, blocks=max(1, args.blocks // 2))
-        results.append(("peak_rss_mib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "MiB"))
-        for name, value, unit in results:
-            rows.append({"name": name, "preset": preset, "value": round(float(value), 4), "unit": unit,
-                         "device": device, "jax": jax.__version__})
-            if args.json:
-                print(json.dumps(rows[-1]), flush=True)
+        for impl in args.conv_impl or ["stride1"]:
+            # fewer steps per block for medium (13x the FLOPs) keeps each block ~ a few seconds
+            results = bench_train(preset, conv_impl=impl, blocks=args.blocks, steps=20 if preset == "small" else 4)
+            if not args.skip_sampling:
+                results += bench_sample(preset, conv_impl=impl, blocks=max(1, args.blocks // 2))
+            results.append(("peak_rss_mib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "MiB"))
+            for name, value, unit in results:
+                rows.append({"name": name, "preset": preset, "conv_impl": impl, "value": round(float(value), 4),
+                             "unit": unit, "device": device, "jax": jax.__version__})
+                if args.json:
+                    print(json.dumps(rows[-1]), flush=True)
     if not args.json:
-        print(f"{'preset':8s} {'measure':26s} {'value':>12s}  unit   ({device}, jax {jax.__version__})")
+        print(f"{'preset':8s} {'conv_impl':9s} {'measure':26s} {'value':>12s}  unit   ({device}, jax {jax.__version__})")
         for r in rows:
-            print(f"{r['preset']:8s} {r['name']:26s} {r['value']:12.4g}  {r['unit']}")
+            print(f"{r['preset']:8s} {r['conv_impl']:9s} {r['name']:26s} {r['value']:12.4g}  {r['unit']}")
     return 0
 
 
