@@ -27,8 +27,11 @@ __all__ = ["Run", "load_run", "sampling_tag"]
 
 
 def sampling_tag(options: dict) -> str:
-    """A short name for sampler options, e.g. 'eps_ddpm', 'ddim_steps50_eta0', 'eps_ddpm_clip'."""
+    """A short name for sampler options, e.g. 'eps_ddpm', 'eps_ddpm_posterior' (σ_t² = β̃_t; plain
+    'eps_ddpm' is σ_t² = β_t), 'ddim_steps50_eta0', 'eps_ddpm_clip': different options, different names."""
     tag = options["method"]
+    if options["method"] == "eps_ddpm" and options.get("ddpm_variance") == "posterior":
+        tag += "_posterior"
     if options.get("num_steps"):
         tag += f"_steps{options['num_steps']}"
     if options["method"] == "ddim":

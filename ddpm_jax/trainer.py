@@ -101,7 +101,7 @@ def build_model(config, image_shape):
     m = config.model
     return make_model(m.preset, image_shape=image_shape, rho_head=m.rho_head, embed_dim=m.embed_dim,
                       num_groups=m.num_groups, fourier_scale=m.fourier_scale,
-                      conv_impl=m.get("conv_impl", "stride1"))  # runs saved before the key existed
+                      conv_impl=m.get("conv_impl", "xla"))  # runs saved before the key existed
 
 
 @contextlib.contextmanager

@@ -643,3 +643,19 @@ def test_gaussian_ddim_more_steps_smaller_error():
     assert np.all(sd_50 < sd_full)
     np.testing.assert_allclose(sd_50 / sd_full, A_50 / A_full, rtol=1e-3)
     assert np.all(np.abs(sd_50 - S_G) > np.abs(sd_full - S_G))
+
+
+def test_sampling_tags_tell_options_apart():
+    """Output directories are named by sampling_tag: options that draw different samples must
+    not share a name (a posterior-variance run once overwrote the β-variance samples)."""
+    from ddpm_jax.runs import sampling_tag
+
+    opts = [dict(method="eps_ddpm", ddpm_variance="beta", clip_x0=None),
+            dict(method="eps_ddpm", ddpm_variance="posterior", clip_x0=None),
+            dict(method="eps_ddpm", ddpm_variance="beta", clip_x0=(0.0, 1.0)),
+            dict(method="ddim", num_steps=50, eta=0.0, clip_x0=None),
+            dict(method="ddim", num_steps=50, eta=1.0, clip_x0=None),
+            dict(method="ddim", num_steps=20, eta=0.0, clip_x0=None)]
+    tags = [sampling_tag(o) for o in opts]
+    assert tags[:2] == ["eps_ddpm", "eps_ddpm_posterior"] and tags[3] == "ddim_steps50_eta0"
+    assert len(set(tags)) == len(tags)
