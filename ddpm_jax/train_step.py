@@ -131,9 +131,7 @@ class Parallel:
         """Host or device state -> the form the step takes (replicated). The step donates its
         state, so arrays passed here may be consumed: keep a host copy to reuse them."""
         if self.mode == "jit":
-            if jax.process_count() > 1:  # host values (equal on every process) -> one global array
-                state = jax.tree_util.tree_map(lambda x: x if _is_global(x, self.replicated) else np.asarray(x), state)
-            return jax.device_put(state, self.replicated)
+            return self.put_replicated(state)
         devices = jax.local_devices()
         stacked = NamedSharding(jax.sharding.Mesh(np.array(devices), ("replica",)), P("replica"))
         return jax.tree_util.tree_map(
@@ -152,6 +150,10 @@ class Parallel:
         return data.shard_for_pmap(local_batch, jax.local_device_count())
 
     def put_replicated(self, tree):
+        """A pytree replicated on every device of the mesh. With several processes each passes the
+        same host values, which become one global array (arrays already placed so are kept)."""
+        if jax.process_count() > 1:
+            tree = jax.tree_util.tree_map(lambda x: x if _is_global(x, self.replicated) else np.asarray(x), tree)
         return jax.device_put(tree, self.replicated)
 
     # -- steps ---------------------------------------------------------------------------------
@@ -168,7 +170,7 @@ class Parallel:
         n = images.shape[0]
         if n == 0:
             return float("nan")
-        params = self.put_state(params) if self.mode == "jit" else self.put_replicated(params)
+        params = self.put_replicated(params)
         pc, pi = jax.process_count(), jax.process_index()
         lb = batch_size // pc
         sums = []

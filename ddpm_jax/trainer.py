@@ -43,8 +43,9 @@ class NonFiniteError(RuntimeError):
 #: Config keys that must agree between a run and the checkpoints it resumes from.
 RESUME_MUST_MATCH = (
     "seed", "data.source", "data.name", "data.scale", "data.train_size", "data.val_size",
-    "schedule", "model", "objective", "optim", "train.batch_size",
-)
+    "schedule", "model.preset", "model.embed_dim", "model.num_groups", "model.fourier_scale",
+    "model.rho_head", "model.time_input", "objective", "optim", "train.batch_size",
+)  # not model.conv_impl: how the convolutions are computed does not change the parameters
 
 
 def _log(msg: str) -> None:
@@ -79,11 +80,7 @@ def _get(d: Dict[str, Any], dotted: str):
 def _check_resume_compatible(saved: Optional[Dict[str, Any]], current: Dict[str, Any], workdir: str) -> None:
     if saved is None:
         return
-    def norm(cfg, k):  # how the convolutions are computed does not change the parameters
-        v = _get(cfg, k)
-        return {kk: vv for kk, vv in v.items() if kk != "conv_impl"} if k == "model" and isinstance(v, dict) else v
-
-    diffs = [k for k in RESUME_MUST_MATCH if norm(saved, k) != norm(current, k)]
+    diffs = [k for k in RESUME_MUST_MATCH if _get(saved, k) != _get(current, k)]
     if diffs:
         k = diffs[0]
         raise ConfigError(

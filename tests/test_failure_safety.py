@@ -298,7 +298,7 @@ HOSTILE = [
     ("image too small for the U-Net", {}, "tiny_images", ValueError, "ScoreNet"),
     ("missing IDX directory", {"data.source": "idx", "data.path": "/nonexistent/mnist"}, None, FileNotFoundError, "/nonexistent/mnist"),
     ("truncated IDX file", {"data.source": "idx"}, "truncated_idx", ValueError, "train-images-idx3-ubyte"),
-    ("checkpoint of another model (config)", {"model.preset": "medium"}, "same_workdir", ConfigError, "config.model = "),
+    ("checkpoint of another model (config)", {"model.preset": "medium"}, "same_workdir", ConfigError, "config.model.preset = 'small'"),
     ("checkpoint of another model (shapes)", {"model.preset": "medium"}, "same_workdir_no_config", CheckpointError, "different model"),
     ("workdir is a file", {}, "workdir_file", ConfigError, "exists and is not a directory"),
     ("read-only workdir", {}, "read_only", ConfigError, "is not writable"),
