@@ -47,11 +47,13 @@ def conv3x3_stride2(x, kernel):
     X = x.reshape(B, Hp // 2, 2, Wp // 2, 2, C).transpose(0, 1, 3, 2, 4, 5).reshape(B, Hp // 2, Wp // 2, 4 * C)
     zero = jnp.zeros_like(kernel[0, 0])
     tap = {(0, 1): 0, (1, 0): 1, (1, 1): 2}  # (offset d: 0 = X[m−1], 1 = X[m]; phase) -> kernel index k
-    k2 = _two_by_two({
-        (di, dj): jnp.concatenate([
+
+    def taps(di, dj):  # (4·Cin, Cout): the input channels of X in phase order (pi, pj)
+        return jnp.concatenate([
             kernel[tap[(di, pi)], tap[(dj, pj)]] if (di, pi) in tap and (dj, pj) in tap else zero
             for pi in range(2) for pj in range(2)], axis=0)
-        for di in range(2) for dj in range(2)}, None)
+
+    k2 = jnp.stack([jnp.stack([taps(di, dj) for dj in range(2)]) for di in range(2)])
     return jax.lax.conv_general_dilated(X, k2.astype(x.dtype), (1, 1), [(1, 0), (1, 0)], dimension_numbers=_DN)
 
 
