@@ -15,46 +15,34 @@ import os
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import app, flags
+
+from experiments import sampler_flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "A run directory written by experiments.train.")
-flags.DEFINE_string("method", None, "Sampler (default: the run's config.sampling.method).")
-flags.DEFINE_integer("num", 10000, "Number of samples (and of real images in each comparison).")
-flags.DEFINE_integer("batch_size", 500, "Samples per compiled batch.")
-flags.DEFINE_integer("num_steps", None, "DDIM steps (method ddim only).")
-flags.DEFINE_float("eta", 0.0, "DDIM eta.")
-flags.DEFINE_enum("ddpm_variance", None, ["posterior", "beta"], "eps_ddpm noise variance (default: the run's config).")
-flags.DEFINE_bool("clip_x0", None, "Clip x̂_0 to the data range each step (default: the run's config).")
-flags.DEFINE_enum("params", "ema", ["ema", "raw"], "Which params to sample with.")
+sampler_flags.define(num=10000, batch_size=500, min_num=2)  # --num: samples, and real images per comparison
 flags.DEFINE_integer("seed", 0, "Seed for sampling and for the random real subsets.")
 flags.DEFINE_integer("trajectory_samples", 64, "Samples whose trajectory gives the trajectory metrics (0: skip).")
 flags.DEFINE_string("samples", None, "Evaluate these samples (an .npz with 'samples') instead of drawing new ones.")
 flags.DEFINE_string("data_source", None, "Override the run's config.data.source (e.g. idx).")
 flags.DEFINE_string("data_path", None, "Override the run's config.data.path.")
 flags.DEFINE_string("out", None, "Where to write the JSON report.")
-flags.mark_flags_as_required(["workdir"])
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
+    sampler_flags.quiet_logs()
     import jax
     import numpy as np
 
     from ddpm_jax import data, sampling
     from ddpm_jax.checkpointing import CheckpointError
     from ddpm_jax.evaluation import evaluate_samples, format_report
-    from ddpm_jax.runs import load_run, sampling_tag
+    from ddpm_jax.runs import sampling_tag
 
     try:
-        if FLAGS.num < 2 or FLAGS.batch_size < 1:
-            raise ValueError(f"--num={FLAGS.num} must be >= 2 and --batch_size={FLAGS.batch_size} >= 1")
-        run = load_run(FLAGS.workdir)
-        opts = run.sampler_options(FLAGS.method, num_steps=FLAGS.num_steps, eta=FLAGS.eta,
-                                   ddpm_variance=FLAGS.ddpm_variance, clip_x0=FLAGS.clip_x0)
+        run, opts = sampler_flags.run_and_options()
         d = run.config.data
         source, path = FLAGS.data_source or d.source, FLAGS.data_path or d.path
         splits = data.load_splits(source, name=d.name, path=path or None, scale=d.scale, train_size=d.train_size,

@@ -7,49 +7,37 @@ Restores the latest checkpoint (EMA params unless ``--params=raw``), samples in 
 compiled ``lax.scan`` serves every batch) with a progress bar, and writes
 ``<out>/samples.npz`` (``samples``: (N, H, W, C) in the data's scale; ``images``: the same mapped
 to [0, 1] and clipped) and ``<out>/grid.png`` (the first 100). ``<out>`` defaults to
-``<workdir>/samples/<method>[_steps<S>][_eta<eta>]``.
+``<workdir>/samples/<tag>`` with ``ddpm_jax.runs.sampling_tag``'s name for the options
+(e.g. ``eps_ddpm``, ``eps_ddpm_posterior``, ``ddim_steps50_eta0``).
 """
 
 import os
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import app, flags
+
+from experiments import sampler_flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "A run directory written by experiments.train.")
-flags.DEFINE_string("method", None, "Sampler (default: the run's config.sampling.method).")
-flags.DEFINE_integer("num", 1000, "Number of samples.")
-flags.DEFINE_integer("batch_size", 250, "Samples per compiled batch.")
-flags.DEFINE_integer("num_steps", None, "DDIM steps (method ddim only; default T).")
-flags.DEFINE_float("eta", 0.0, "DDIM eta in [0, 1].")
-flags.DEFINE_enum("ddpm_variance", None, ["posterior", "beta"], "eps_ddpm noise variance (default: the run's config).")
-flags.DEFINE_enum("params", "ema", ["ema", "raw"], "Which params to sample with.")
-flags.DEFINE_bool("clip_x0", None, "Clip x̂_0 to the data range each step (default: the run's config.sampling.clip_x0).")
+sampler_flags.define(num=1000, batch_size=250)
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
-flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 flags.DEFINE_string("out", None, "Output directory (default under <workdir>/samples/).")
-flags.mark_flags_as_required(["workdir"])
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
+    sampler_flags.quiet_logs()
     import jax
     import numpy as np
 
     from ddpm_jax import data, plots, sampling
     from ddpm_jax.checkpointing import CheckpointError
-    from ddpm_jax.runs import load_run, sampling_tag
+    from ddpm_jax.runs import sampling_tag
 
     try:
-        if FLAGS.num < 1 or FLAGS.batch_size < 1:
-            raise ValueError(f"--num={FLAGS.num} and --batch_size={FLAGS.batch_size} must be >= 1")
-        run = load_run(FLAGS.workdir, FLAGS.step)
-        opts = run.sampler_options(FLAGS.method, num_steps=FLAGS.num_steps, eta=FLAGS.eta,
-                                   ddpm_variance=FLAGS.ddpm_variance, clip_x0=FLAGS.clip_x0)
+        run, opts = sampler_flags.run_and_options()
     except (ValueError, FileNotFoundError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

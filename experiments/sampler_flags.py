@@ -1,0 +1,40 @@
+"""The command-line flags that ``experiments.sample`` and ``experiments.evaluate`` share: which
+run, which sampler and how many samples. ``define(...)`` registers them; ``run_and_options()``
+restores the run and turns the flags into validated :func:`ddpm_jax.sampling.sample` options."""
+
+from absl import flags, logging
+
+FLAGS = flags.FLAGS
+
+
+def define(*, num: int, batch_size: int, min_num: int = 1) -> None:
+    """Registers --workdir, --step, --method, --num, --batch_size, --num_steps, --eta,
+    --ddpm_variance, --clip_x0, --params (defaults for --num and --batch_size given here)."""
+    flags.DEFINE_string("workdir", None, "A run directory written by experiments.train.")
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+    flags.DEFINE_string("method", None, "Sampler (default: the run's config.sampling.method).")
+    flags.DEFINE_integer("num", num, "Number of samples.", lower_bound=min_num)
+    flags.DEFINE_integer("batch_size", batch_size, "Samples per compiled batch.", lower_bound=1)
+    flags.DEFINE_integer("num_steps", None, "DDIM steps (method ddim only; default T).")
+    flags.DEFINE_float("eta", 0.0, "DDIM eta in [0, 1].")
+    flags.DEFINE_enum("ddpm_variance", None, ["posterior", "beta"], "eps_ddpm noise variance (default: the run's config).")
+    flags.DEFINE_bool("clip_x0", None, "Clip x̂_0 to the data range each step (default: the run's config.sampling.clip_x0).")
+    flags.DEFINE_enum("params", "ema", ["ema", "raw"], "Which params to sample with.")
+    flags.mark_flags_as_required(["workdir"])
+
+
+def quiet_logs() -> None:
+    """Orbax logs every restore at INFO; keep the console readable unless --verbosity is given."""
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+
+
+def run_and_options():
+    """(run, options): the restored run and the sampler options from the flags. Raises
+    ValueError / FileNotFoundError / CheckpointError (one line) for a bad run or bad flags."""
+    from ddpm_jax.runs import load_run
+
+    run = load_run(FLAGS.workdir, FLAGS.step)
+    opts = run.sampler_options(FLAGS.method, num_steps=FLAGS.num_steps, eta=FLAGS.eta,
+                               ddpm_variance=FLAGS.ddpm_variance, clip_x0=FLAGS.clip_x0)
+    return run, opts
