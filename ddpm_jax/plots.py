@@ -1,14 +1,14 @@
-"""PNG figures: sample grids and loss curves (matplotlib, Agg backend: no display needed)."""
+"""PNG figures: sample grids, loss curves, line plots and snapshot tables (matplotlib, Agg backend: no display needed)."""
 
 from __future__ import annotations
 
 import math
 import os
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["image_grid", "save_image_grid", "save_loss_curve"]
+__all__ = ["image_grid", "save_image_grid", "save_loss_curve", "save_line_plot", "save_snapshot_table"]
 
 
 def image_grid(images: np.ndarray, ncol: int = 0, pad: int = 2) -> np.ndarray:
@@ -62,6 +62,62 @@ def save_loss_curve(rows: List[Dict[str, float]], path: str, keys: Sequence[str]
         ax.set_yscale("log")
     ax.grid(True, alpha=0.3)
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def save_line_plot(series: Dict[str, Tuple[Sequence[float], Sequence[float]]], path: str, *, xlabel: str, ylabel: str,
+                   title: str = "", logx: bool = False, logy: bool = False, hlines: Optional[Dict[str, float]] = None) -> str:
+    """One line per ``label -> (x, y)``, plus up to three gray horizontal reference lines ``hlines``
+    (label -> y), named in the legend with their value."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4), dpi=120)
+    for label, (x, y) in series.items():
+        ax.plot(x, y, marker="o", markersize=3, label=label)
+    for (label, y), style in zip((hlines or {}).items(), ("--", ":", "-.")):
+        ax.axhline(y, linestyle=style, color="gray", linewidth=1, label=f"{label}: {y:.3g}")
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    if logx:
+        ax.set_xscale("log")
+    if logy:
+        ax.set_yscale("log")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def save_snapshot_table(rows: Dict[str, np.ndarray], col_titles: Sequence[str], path: str, *, title: str = "") -> str:
+    """A table of image rows: ``rows[label]`` is ``(K, N, H, W, C)`` — K snapshot columns
+    (titled ``col_titles``), each a strip of N images in [0, 1]."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = len(col_titles)
+    fig, axes = plt.subplots(len(rows), k, figsize=(1.6 * k + 1.2, 1.3 * len(rows) + 0.4), dpi=120, squeeze=False)
+    for r, (label, snaps) in enumerate(rows.items()):
+        for c in range(k):
+            ax = axes[r][c]
+            g = np.clip(image_grid(np.asarray(snaps[c], np.float32)), 0.0, 1.0)
+            ax.imshow(g[..., 0] if g.shape[-1] == 1 else g, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(col_titles[c], fontsize=8)
+            if c == 0:
+                ax.set_ylabel(label, fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
