@@ -22,6 +22,7 @@ makes FID positive even for a perfect model, so a number means something only ne
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Dict, Optional
 
 import numpy as np
@@ -29,7 +30,7 @@ import numpy as np
 from ddpm_jax import data
 from ddpm_jax.metrics import classifier, fid, sample_quality
 
-__all__ = ["evaluate_samples", "format_report"]
+__all__ = ["evaluate_samples", "format_report", "paired_fid_draws"]
 
 
 def _pick(rng: np.random.Generator, x: np.ndarray, n: int, exclude: Optional[np.ndarray] = None):
@@ -112,3 +113,35 @@ def format_report(report: Dict[str, Any]) -> str:
     if "trajectory" in report:
         lines.append(f"{'trajectory':30s}" + "  ".join(f"{k} {v:.4g}" for k, v in report["trajectory"].items()))
     return "\n".join(lines)
+
+
+def paired_fid_draws(sets: Dict[str, np.ndarray], pool: np.ndarray, num: int, draws: int, seed: int) -> Dict[str, Any]:
+    """The notebook's pixel-FID protocol repeated over ``draws`` draws, paired across sample sets.
+
+    ``sets``: name -> samples (≥ draws·num, ...) in [0, 1] (unclipped); ``pool``: real images
+    (M ≥ 2·num, ...) in [0, 1]. Draw i scores samples [i·num, (i+1)·num) of every set against
+    the same real subset pool[perm_i[:num]] (perm_i = default_rng(seed + i).permutation(M)), and
+    the floor pool[perm_i[:num]] vs pool[perm_i[num:2·num]]. Returns a JSON-ready dict: per set the
+    FIDs with mean, sd, min, max; per pair (a, b) the per-draw differences FID_a − FID_b with their
+    mean and standard error sd/√draws (shared real images cancel much of the noise); the floors.
+    """
+    feats = lambda x: fid.pixel_features(np.asarray(x, np.float32))  # noqa: E731
+    out = {name: {"fid": []} for name in sets}
+    floors = []
+    for i in range(draws):
+        idx = np.random.default_rng(seed + i).permutation(pool.shape[0])
+        real, partner = feats(pool[idx[:num]]), feats(pool[idx[num:2 * num]])
+        floors.append(fid.fid_from_features(real, partner))
+        for name, x in sets.items():
+            out[name]["fid"].append(fid.fid_from_features(feats(x[i * num:(i + 1) * num]), real))
+    summary = lambda v: {"mean": float(np.mean(v)), "sd": float(np.std(v, ddof=1)), "min": float(np.min(v)), "max": float(np.max(v))}  # noqa: E731
+    for name in sets:
+        out[name].update(summary(out[name]["fid"]))
+    pairs = {}
+    for a, b in itertools.combinations(sets, 2):
+        diff = np.asarray(out[a]["fid"]) - np.asarray(out[b]["fid"])
+        pairs[f"{a} - {b}"] = {"mean": float(diff.mean()), "se": float(diff.std(ddof=1) / np.sqrt(draws)), "per_draw": diff.tolist()}
+    return {"num": num, "draws": draws, "seed": seed, "sets": out, "paired_differences": pairs,
+            "floor": {"fid": floors, **summary(floors)},
+            "protocol": "draw i: samples [i*N, (i+1)*N) of each set, unclipped, vs real pool[perm_i[:N]]; "
+                        "floor: pool[perm_i[:N]] vs pool[perm_i[N:2N]], perm_i = default_rng(seed + i).permutation"}

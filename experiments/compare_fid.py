@@ -14,7 +14,6 @@ Samples are ``.npz`` files with ``samples`` (N, H, W, C) in the data's [0, 1] sc
 ``experiments.sample``. Writes ``--out`` (JSON).
 """
 
-import itertools
 import json
 import os
 import sys
@@ -37,33 +36,6 @@ flags.mark_flags_as_required(["samples"])
 def _fail(msg):
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
-
-
-def paired_fids(sets, pool, num: int, draws: int, seed: int) -> dict:
-    """``sets``: name -> (≥ draws·num, ...) samples in [0, 1]; ``pool``: real images (M, ...) in
-    [0, 1]. Returns the JSON-ready report (see the module docstring)."""
-    from ddpm_jax.metrics import fid
-
-    feats = lambda x: fid.pixel_features(np.asarray(x, np.float32))  # noqa: E731
-    out = {name: {"fid": []} for name in sets}
-    floors = []
-    for i in range(draws):
-        idx = np.random.default_rng(seed + i).permutation(pool.shape[0])
-        real, partner = feats(pool[idx[:num]]), feats(pool[idx[num:2 * num]])
-        floors.append(fid.fid_from_features(real, partner))
-        for name, x in sets.items():
-            out[name]["fid"].append(fid.fid_from_features(feats(x[i * num:(i + 1) * num]), real))
-    summary = lambda v: {"mean": float(np.mean(v)), "sd": float(np.std(v, ddof=1)), "min": float(np.min(v)), "max": float(np.max(v))}  # noqa: E731
-    for name in sets:
-        out[name].update(summary(out[name]["fid"]))
-    pairs = {}
-    for a, b in itertools.combinations(sets, 2):
-        diff = np.asarray(out[a]["fid"]) - np.asarray(out[b]["fid"])
-        pairs[f"{a} - {b}"] = {"mean": float(diff.mean()), "se": float(diff.std(ddof=1) / np.sqrt(draws)), "per_draw": diff.tolist()}
-    return {"num": num, "draws": draws, "seed": seed, "sets": out, "paired_differences": pairs,
-            "floor": {"fid": floors, **summary(floors)},
-            "protocol": "draw i: samples [i*N, (i+1)*N) of each set, unclipped, vs real pool[perm_i[:N]]; "
-                        "floor: pool[perm_i[:N]] vs pool[perm_i[N:2N]], perm_i = default_rng(seed + i).permutation"}
 
 
 def main(argv):
@@ -92,7 +64,9 @@ def main(argv):
     shapes = {name: x.shape[1:] for name, x in sets.items()}
     if any(s != pool.shape[1:] for s in shapes.values()):
         _fail(f"sample shapes {shapes} differ from the real images' {pool.shape[1:]}")
-    report = paired_fids(sets, pool, FLAGS.num, FLAGS.draws, FLAGS.seed)
+    from ddpm_jax.evaluation import paired_fid_draws
+
+    report = paired_fid_draws(sets, pool, FLAGS.num, FLAGS.draws, FLAGS.seed)
     report["samples"] = {item.partition("=")[0]: os.path.abspath(item.partition("=")[2]) for item in FLAGS.samples}
     for name, r in report["sets"].items():
         print(f"{name:24s} FID {r['mean']:.3f} ± {r['sd']:.3f} (sd over {FLAGS.draws} draws), range {r['min']:.3f}..{r['max']:.3f}")

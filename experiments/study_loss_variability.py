@@ -49,10 +49,7 @@ def main(argv):
     del argv
     c = FLAGS.config
     workdir = sr.check_study(c, "loss_variability")
-    losses = sr.csv_list(c.losses)
-    unknown = [name for name in losses if name not in OBJECTIVE_REDUCTIONS]
-    if unknown:
-        sr.fail(f"config.losses: unknown {unknown}; valid: {sorted(OBJECTIVE_REDUCTIONS)}")
+    losses = sr.csv_choices(c.losses, OBJECTIVE_REDUCTIONS, "losses")
     if c.num_subsets < 2 or c.subset_size < 100 or c.epochs < 1:
         sr.fail("need config.num_subsets >= 2, config.subset_size >= 100 and config.epochs >= 1")
     import jax

@@ -73,10 +73,7 @@ def main(argv):
     del argv
     c = FLAGS.config
     workdir = sr.check_study(c, "methods")
-    variants = sr.csv_list(c.variants)
-    unknown = [v for v in variants if v not in METHODS]
-    if unknown:
-        sr.fail(f"config.variants: unknown {unknown}; valid: {sorted(METHODS)}")
+    variants = sr.csv_choices(c.variants, METHODS, "variants")
     run_study(c, workdir, "methods", {v: METHODS[v] for v in variants})
 
 

@@ -26,10 +26,7 @@ def main(argv):
     del argv
     c = FLAGS.config
     workdir = sr.check_study(c, "objectives")
-    variants = sr.csv_list(c.variants)
-    unknown = [v for v in variants if v not in SAMPLERS]
-    if unknown:
-        sr.fail(f"config.variants: unknown {unknown}; valid: {sorted(SAMPLERS)}")
+    variants = sr.csv_choices(c.variants, SAMPLERS, "variants")
     out = study_methods.run_study(c, workdir, "objectives", {v: SAMPLERS[v] for v in variants})
     import matplotlib
 

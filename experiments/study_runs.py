@@ -158,3 +158,13 @@ def write_json(workdir: str, name: str, obj: Dict[str, Any]) -> str:
 
 def csv_list(text: str, cast=str):
     return [cast(s.strip()) for s in str(text).split(",") if s.strip()]
+
+
+def csv_choices(text: str, valid, key: str):
+    """The comma-separated names in ``text``; exits with one line naming config.<key> if one is
+    not in ``valid`` or there are none."""
+    items = csv_list(text)
+    unknown = [v for v in items if v not in valid]
+    if unknown or not items:
+        fail(f"config.{key}: unknown {unknown}; valid: {sorted(valid)}" if unknown else f"config.{key} is empty")
+    return items

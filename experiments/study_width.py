@@ -25,10 +25,11 @@ def main(argv):
     del argv
     c = FLAGS.config
     workdir = sr.check_study(c, "width")
-    presets = sr.csv_list(c.presets)
+    from ddpm_jax.models import PRESETS, count_params
+
+    presets = sr.csv_choices(c.presets, PRESETS, "presets")
     from ddpm_jax import data, plots
     from ddpm_jax.config import ConfigError
-    from ddpm_jax.models import PRESETS, count_params
     from ddpm_jax.runs import load_run
     from ddpm_jax.writers import read_metrics
 

@@ -1,4 +1,4 @@
-"""experiments.compare_fid: the paired multi-draw FID comparison, and its refusals."""
+"""evaluation.paired_fid_draws (the paired multi-draw FID comparison) and the experiments.compare_fid CLI's refusals."""
 
 import subprocess
 import sys
@@ -7,8 +7,7 @@ import helpers
 import numpy as np
 import pytest
 
-sys.path.insert(0, helpers.REPO)
-from experiments.compare_fid import paired_fids  # noqa: E402
+from ddpm_jax.evaluation import paired_fid_draws
 
 
 def _images(n, seed):
@@ -20,7 +19,7 @@ def test_paired_difference_of_a_constant_shift_is_exact():
     FID(x + c, R) − FID(x, R) = ‖μ_x + c − μ_R‖² − ‖μ_x − μ_R‖² = 2c Σ_p (μ_x − μ_R)_p + d c²
     exactly; only float32 rounding of x + c (~1e-7 relative) separates the two, hence rtol 1e-4."""
     pool, x, c = _images(400, 0), _images(300, 1), 0.05
-    r = paired_fids({"x": x, "same": x.copy(), "shifted": x + c}, pool, num=100, draws=3, seed=7)
+    r = paired_fid_draws({"x": x, "same": x.copy(), "shifted": x + c}, pool, num=100, draws=3, seed=7)
     assert r["paired_differences"]["x - same"]["per_draw"] == [0.0, 0.0, 0.0]
     d = 36
     for i, diff in enumerate(r["paired_differences"]["x - shifted"]["per_draw"]):
