@@ -54,8 +54,8 @@ def get_config(name: str = "") -> ml_collections.ConfigDict:
         c.held_out = 1000  # validation images every trained network is scored on
     elif study == "width":
         c.presets = "small,medium,large"
-        if cpu:  # 2,000 images, 4 epochs (80 steps) each at a constant rate: large runs at ~15 images/s here
-            _budget(c, num_epochs=4, train_size=2_000, val_size=500, decay_every_epochs=0)
+        if cpu:  # 10,000 images, 4 epochs (400 steps) each at a constant rate
+            _budget(c, num_epochs=4, train_size=10_000, val_size=1_000, decay_every_epochs=0)
     elif study in ("objectives", "methods"):
         # objectives (Coding II.3): the mean objective with the ρ-head vs ε, scored with each one's sampler.
         # methods (the lecture's table): A1 x_{t-1} regression, A2 x_0, A3 ε — each its own objective and two samplers.
