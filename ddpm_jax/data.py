@@ -51,6 +51,7 @@ __all__ = [
     "unscale_images",
     "Splits",
     "load_splits",
+    "splits_from_config",
     "steps_per_epoch",
     "batch_indices",
     "BatchIterator",
@@ -606,6 +607,14 @@ def load_splits(
 # ------------------------------------------------------------------------------------------------
 # Deterministic batches
 # ------------------------------------------------------------------------------------------------
+
+
+def splits_from_config(config, *, source: Optional[str] = None, path: Optional[str] = None, arrays=None) -> "Splits":
+    """:func:`load_splits` with a training config's ``data`` keys and ``seed`` (what a run trained on);
+    ``source`` / ``path`` override ``config.data.source`` / ``config.data.path``."""
+    d = config.data
+    return load_splits(source or d.source, name=d.name, path=(path or d.path) or None, scale=d.scale,
+                       train_size=d.train_size, val_size=d.val_size, seed=config.seed, arrays=arrays)
 
 
 def steps_per_epoch(num_examples: int, global_batch: int) -> int:

@@ -154,8 +154,7 @@ def train_and_evaluate(config, workdir: str, *, arrays: Optional[Dict[str, np.nd
     # Data.
     t0 = time.time()
     d = config.data
-    splits = data.load_splits(d.source, name=d.name, path=d.path or None, scale=d.scale, train_size=d.train_size,
-                              val_size=d.val_size, seed=config.seed, arrays=arrays)
+    splits = data.splits_from_config(config, arrays=arrays)
     batch_size = config.train.batch_size
     data.check_batch_divisible(batch_size, jax.device_count())
     spe = data.steps_per_epoch(splits.train.shape[0], batch_size)

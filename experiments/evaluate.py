@@ -44,9 +44,7 @@ def main(argv):
     try:
         run, opts = sampler_flags.run_and_options()
         d = run.config.data
-        source, path = FLAGS.data_source or d.source, FLAGS.data_path or d.path
-        splits = data.load_splits(source, name=d.name, path=path or None, scale=d.scale, train_size=d.train_size,
-                                  val_size=d.val_size, seed=run.config.seed)
+        splits = data.splits_from_config(run.config, source=FLAGS.data_source, path=FLAGS.data_path)
         given = None
         if FLAGS.samples:
             if not os.path.exists(FLAGS.samples):

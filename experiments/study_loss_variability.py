@@ -47,8 +47,7 @@ def _stats(values) -> dict:
 
 def main(argv):
     del argv
-    c = FLAGS.config
-    workdir = sr.check_study(c, "loss_variability")
+    c, workdir = sr.start("loss_variability")
     losses = sr.csv_choices(c.losses, OBJECTIVE_REDUCTIONS, "losses")
     if c.num_subsets < 2 or c.subset_size < 100 or c.epochs < 1:
         sr.fail("need config.num_subsets >= 2, config.subset_size >= 100 and config.epochs >= 1")
@@ -60,10 +59,8 @@ def main(argv):
     from ddpm_jax.trainer import build_model, build_schedule
 
     base = sr.training_config(c, "xprev", optim__decay_every_epochs=0, optim__grad_clip_norm=0.0)
-    d = base.data
     try:
-        splits = data.load_splits(d.source, name=d.name, path=d.path or None, scale=d.scale, train_size=d.train_size,
-                                  val_size=d.val_size, seed=base.seed)
+        splits = data.splits_from_config(base)
     except (ValueError, FileNotFoundError) as e:
         sr.fail(str(e))
     need = c.num_subsets * c.subset_size

@@ -57,12 +57,12 @@ def run_study(c, workdir: str, study: str, methods: Dict[str, List[str]]) -> dic
             sr.log(f"{variant:6s} {method:12s} {sr.headline(report)}")
             if traj is not None:
                 idx = [T - t for t in (T, 3 * T // 4, T // 2, T // 4, 0)]  # traj['x'][i] is x at t = T - i
-                snapshots[f"{LABELS.get(method, method)}"] = np.stack(
+                snapshots[LABELS.get(method, method)] = np.stack(
                     [np.asarray(data.unscale_images(traj["x"][i][:SNAPSHOTS], run.data_scale)) for i in idx])
     out = {"study": study, "budget": dict(c.train), "num_samples": c.eval.num_samples, "results": results}
     sr.write_json(workdir, f"{study}.json", out)
     if snapshots:
-        T = next(iter(configs.values())).schedule.num_steps
+        T = c.schedule_num_steps
         path = plots.save_snapshot_table(snapshots, [f"t = {t}" for t in (T, 3 * T // 4, T // 2, T // 4, 0)],
                                          os.path.join(workdir, "trajectories.png"), title="x_t along each sampler's trajectory")
         sr.log(f"figure: {path}")
@@ -71,8 +71,7 @@ def run_study(c, workdir: str, study: str, methods: Dict[str, List[str]]) -> dic
 
 def main(argv):
     del argv
-    c = FLAGS.config
-    workdir = sr.check_study(c, "methods")
+    c, workdir = sr.start("methods")
     variants = sr.csv_choices(c.variants, METHODS, "variants")
     run_study(c, workdir, "methods", {v: METHODS[v] for v in variants})
 

@@ -24,8 +24,7 @@ SAMPLERS = {"mean": ["xprev_noise"], "eps": ["eps_ddpm"]}
 
 def main(argv):
     del argv
-    c = FLAGS.config
-    workdir = sr.check_study(c, "objectives")
+    c, workdir = sr.start("objectives")
     variants = sr.csv_choices(c.variants, SAMPLERS, "variants")
     out = study_methods.run_study(c, workdir, "objectives", {v: SAMPLERS[v] for v in variants})
     import matplotlib

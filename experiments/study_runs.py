@@ -28,8 +28,10 @@ def define_flags(study: str) -> None:
     flags.DEFINE_string("workdir", f"runs/study_{study}", "Where the study writes its JSON, figures and (by default) runs.")
 
 
-def check_study(config, study: str) -> str:
-    """The study's workdir (created); exits with one line if --config is another study's."""
+def start(study: str):
+    """(config, workdir) from the flags: the workdir created; exits with one line if --config is
+    another study's or the workdir is unusable."""
+    config = FLAGS.config
     from experiments import sampler_flags
 
     sampler_flags.quiet_logs()
@@ -38,7 +40,7 @@ def check_study(config, study: str) -> str:
     from ddpm_jax.trainer import prepare_workdir
 
     try:
-        return prepare_workdir(FLAGS.workdir)
+        return config, prepare_workdir(FLAGS.workdir)
     except (ValueError, OSError) as e:
         fail(str(e))
 
@@ -96,13 +98,12 @@ def train(config, workdir: str) -> Dict[str, Any]:
 
 
 def load_splits(run, study_config=None):
-    """The run's data splits (its own split, seed and scale); ``study_config`` may repoint the source."""
+    """The run's data splits; ``study_config`` (if given) repoints the source and path."""
     from ddpm_jax import data
 
-    d = run.config.data
-    source, path = (study_config.data.source, study_config.data.path) if study_config is not None else (d.source, d.path)
-    return data.load_splits(source, name=d.name, path=path or None, scale=d.scale, train_size=d.train_size,
-                            val_size=d.val_size, seed=run.config.seed)
+    if study_config is None:
+        return data.splits_from_config(run.config)
+    return data.splits_from_config(run.config, source=study_config.data.source, path=study_config.data.path)
 
 
 def score(run, splits, options: dict, eval_config, *, grid_path: Optional[str] = None, trajectory_samples: int = 0):
@@ -121,8 +122,7 @@ def score(run, splits, options: dict, eval_config, *, grid_path: Optional[str] =
 
     e = eval_config
     key = jax.random.PRNGKey(e.seed)
-    fn = run.make_sampler(e.batch_size, options)
-    fn(key).block_until_ready()  # compile (and warm up) outside the timing
+    fn = run.make_sampler(e.batch_size, options).lower(key).compile()  # compiled outside the timing
     t0 = time.time()
     x = sampling.sample_in_batches(fn, e.num_samples, e.batch_size, key)
     dt = time.time() - t0

@@ -22,8 +22,7 @@ sr.define_flags("steps")
 
 def main(argv):
     del argv
-    c = FLAGS.config
-    workdir = sr.check_study(c, "steps")
+    c, workdir = sr.start("steps")
     steps, etas = sr.csv_list(c.num_steps, int), sr.csv_list(c.etas, float)
     from ddpm_jax.runs import load_run, sampling_tag
 

@@ -23,8 +23,7 @@ sr.define_flags("width")
 
 def main(argv):
     del argv
-    c = FLAGS.config
-    workdir = sr.check_study(c, "width")
+    c, workdir = sr.start("width")
     from ddpm_jax.models import PRESETS, count_params
 
     presets = sr.csv_choices(c.presets, PRESETS, "presets")
