@@ -14,6 +14,10 @@ Measured after warm-up, as medians over repeated timed blocks (the machine may b
 - ``sample_images_per_sec``: ``'eps_ddpm'`` with T = 200, batch 256;
 - ``peak_rss_mib``: the process's peak resident memory so far (cumulative across the rows).
 
+On a CPU the batch is split over one JAX device per core, as ``experiments.train`` does
+(``--cpu_devices``, ``ddpm_jax.cpu_devices``); ``--cpu_devices 1`` measures a single device. The
+``device`` field of every row says how many were used.
+
 Training is measured with both formulations of the stride-2 convolutions (``model.conv_impl``
 'xla' and 'stride1'), sampling with the last one given (``--conv_impl`` picks).
 """
@@ -32,12 +36,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ddpm_jax import objectives, sampling, schedules
+from ddpm_jax import cpu_devices, data, objectives, sampling, schedules
 from ddpm_jax.models import make_model, make_model_fn
 from ddpm_jax.train_state import create_train_state, make_optimizer
 from ddpm_jax.train_step import Parallel, StepConfig
 
 IMAGE_SHAPE = (28, 28, 1)
+TRAIN_BATCH = 100
+SAMPLE_BATCH = 256
 
 
 def _optim_config(lr: float = 0.01) -> ml_collections.ConfigDict:
@@ -57,7 +63,7 @@ def _median_rate(fn, items_per_call: int, *, blocks: int, calls_per_block: int) 
     return statistics.median(rates)
 
 
-def bench_train(preset: str, *, conv_impl: str = "stride1", batch: int = 100, blocks: int = 5, steps: int = 20):
+def bench_train(preset: str, *, conv_impl: str = "stride1", batch: int = TRAIN_BATCH, blocks: int = 5, steps: int = 20):
     model = make_model(preset, image_shape=IMAGE_SHAPE, conv_impl=conv_impl)
     params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1,) + IMAGE_SHAPE), jnp.ones((1,)))["params"]
     tx = make_optimizer(_optim_config(), steps_per_epoch=500, params=params)
@@ -91,7 +97,7 @@ def bench_train(preset: str, *, conv_impl: str = "stride1", batch: int = 100, bl
     ]
 
 
-def bench_sample(preset: str, *, conv_impl: str = "stride1", batch: int = 256, blocks: int = 3):
+def bench_sample(preset: str, *, conv_impl: str = "stride1", batch: int = SAMPLE_BATCH, blocks: int = 3):
     model = make_model(preset, image_shape=IMAGE_SHAPE, conv_impl=conv_impl)
     params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1,) + IMAGE_SHAPE), jnp.ones((1,)))["params"]
     schedule = schedules.make_schedule("linear", 200, beta_start=1e-4, beta_end=0.1)
@@ -102,7 +108,7 @@ def bench_sample(preset: str, *, conv_impl: str = "stride1", batch: int = 256, b
 
     key = jax.random.PRNGKey(0)
     t0 = time.perf_counter()
-    compiled = jax.jit(draw).lower(params, key).compile()
+    compiled = jax.jit(draw, out_shardings=data.batch_sharding(batch)).lower(params, key).compile()
     compile_s = time.perf_counter() - t0
     compiled(params, key).block_until_ready()  # warm-up
     ips = _median_rate(lambda: compiled(params, key).block_until_ready(), batch, blocks=blocks, calls_per_block=1)
@@ -118,7 +124,13 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true", help="one JSON object per line")
     ap.add_argument("--skip_sampling", action="store_true", help="training only")
     ap.add_argument("--blocks", type=int, default=5, help="timed blocks per measurement (median reported)")
+    ap.add_argument("--cpu_devices", type=int, default=0,
+                    help="CPU only: devices to split each batch over, as experiments.train (default 0: one per core)")
     args = ap.parse_args(argv)
+    try:
+        cpu_devices.configure(args.cpu_devices, [TRAIN_BATCH, SAMPLE_BATCH])
+    except ValueError as e:
+        ap.error(str(e))
     presets = args.preset or ["small", "medium"]
     device = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
     rows = []

@@ -789,6 +789,19 @@ def make_mesh(devices: Optional[Sequence] = None):
     return jax.sharding.Mesh(devices.reshape(-1), (DATA_AXIS,))
 
 
+def batch_sharding(batch_size: int):
+    """``NamedSharding`` splitting axis 0 of a ``(batch_size, ...)`` array over this process's
+    devices, or None (no split) with one device, several processes, or a batch size they do not
+    divide. For outputs a single process computes whole, e.g. a batch of samples."""
+    import jax  # noqa: PLC0415
+    from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: PLC0415
+
+    devices = jax.local_devices()
+    if len(devices) == 1 or jax.process_count() > 1 or batch_size % len(devices):
+        return None
+    return NamedSharding(make_mesh(devices), P(DATA_AXIS))
+
+
 def shard_batch(local_batch, mesh):
     """Places this process's batch on the mesh as one global, batch-sharded ``jax.Array``.
 

@@ -79,15 +79,17 @@ class Run:
 
     def make_sampler(self, batch_size: int, options: dict, *, ema: bool = True, return_trajectory: bool = False):
         """A jitted ``fn(key) -> samples (batch_size, H, W, C)`` (and the trajectory if asked):
-        one compiled ``lax.scan`` serves every batch."""
+        one compiled ``lax.scan`` serves every batch. The samples are split over this process's
+        devices when ``batch_size`` divides evenly (:func:`ddpm_jax.data.batch_sharding`); the
+        noise does not depend on the split (JAX's partitionable threefry), so neither do the samples."""
         model_fn = self.model_fn(ema)
         shape = (batch_size,) + self.image_shape
+        sharding = None if return_trajectory else data.batch_sharding(batch_size)
 
-        @jax.jit
         def fn(key):
             return sampling.sample(model_fn, self.schedule, shape, key, return_trajectory=return_trajectory, **options)
 
-        return fn
+        return jax.jit(fn, out_shardings=sharding)
 
 
 def load_run(workdir: str, step: Optional[int] = None) -> Run:

@@ -185,6 +185,11 @@ class Parallel:
             mine = slice(pi * lb, (pi + 1) * lb)
             out = self._eval(params, schedule, *(data.shard_batch(a[mine], self.mesh) for a in (chunk, mask)), key,
                              data.shard_batch(ids[mine], self.mesh))
-            sums.append(out)
+            # One batch in flight at a time. These programs do not depend on each other, so
+            # without the wait several run at once, and on CPU devices sharing one small thread
+            # pool each can hold a thread blocked in its all-reduce waiting for another device's
+            # part that has no thread left: XLA aborts the process after 40 s (seen with two CPU
+            # devices on two cores). Training steps are chained through the state and never overlap.
+            sums.append(jax.block_until_ready(out))
         tot = jax.device_get(sums)
         return float(sum(o["loss_sum"] for o in tot) / sum(o["count"] for o in tot))

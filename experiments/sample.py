@@ -25,6 +25,15 @@ flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_string("out", None, "Output directory (default under <workdir>/samples/).")
 
 
+def _devices(batch_size: int) -> str:
+    import jax
+
+    from ddpm_jax import data
+
+    n = 1 if data.batch_sharding(batch_size) is None else jax.local_device_count()
+    return f"{n} {jax.devices()[0].platform} device(s)"
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -48,7 +57,8 @@ def main(argv):
     one_batch = run.make_sampler(FLAGS.batch_size, opts, ema=FLAGS.params == "ema")
 
     print(f"run {run.workdir} step {run.step} ({FLAGS.params} params); {method}{' (x̂_0 clipped)' if clip else ''}, "
-          f"{FLAGS.num_steps or run.schedule.num_steps} steps; {FLAGS.num} samples in batches of {FLAGS.batch_size}", flush=True)
+          f"{FLAGS.num_steps or run.schedule.num_steps} steps; {FLAGS.num} samples in batches of {FLAGS.batch_size}"
+          f" on {_devices(FLAGS.batch_size)}", flush=True)
     t0 = time.time()
     compiled = one_batch.lower(jax.random.PRNGKey(0)).compile()  # one program per batch, compiled once
     t_compile = time.time() - t0

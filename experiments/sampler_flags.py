@@ -9,7 +9,7 @@ FLAGS = flags.FLAGS
 
 def define(*, num: int, batch_size: int, min_num: int = 1) -> None:
     """Registers --workdir, --step, --method, --num, --batch_size, --num_steps, --eta,
-    --ddpm_variance, --clip_x0, --params (defaults for --num and --batch_size given here)."""
+    --ddpm_variance, --clip_x0, --params, --cpu_devices (defaults for --num and --batch_size given here)."""
     flags.DEFINE_string("workdir", None, "A run directory written by experiments.train.")
     flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
     flags.DEFINE_string("method", None, "Sampler (default: the run's config.sampling.method).")
@@ -20,6 +20,8 @@ def define(*, num: int, batch_size: int, min_num: int = 1) -> None:
     flags.DEFINE_enum("ddpm_variance", None, ["posterior", "beta"], "eps_ddpm noise variance (default: the run's config).")
     flags.DEFINE_bool("clip_x0", None, "Clip x̂_0 to the data range each step (default: the run's config.sampling.clip_x0).")
     flags.DEFINE_enum("params", "ema", ["ema", "raw"], "Which params to sample with.")
+    flags.DEFINE_integer("cpu_devices", 0, "CPU only: JAX devices to split each batch over; 0 = one per core (the "
+                         "largest count <= the cores that divides --batch_size). No effect on GPU/TPU.", lower_bound=0)
     flags.mark_flags_as_required(["workdir"])
 
 
@@ -31,8 +33,12 @@ def quiet_logs() -> None:
 
 def run_and_options():
     """(run, options): the restored run and the sampler options from the flags. Raises
-    ValueError / FileNotFoundError / CheckpointError (one line) for a bad run or bad flags."""
+    ValueError / FileNotFoundError / CheckpointError (one line) for a bad run or bad flags.
+    Sets the CPU device count first (``ddpm_jax.cpu_devices``): call it before any JAX computation."""
+    from ddpm_jax import cpu_devices
     from ddpm_jax.runs import load_run
+
+    cpu_devices.configure(FLAGS.cpu_devices, [FLAGS.batch_size])
 
     run = load_run(FLAGS.workdir, FLAGS.step)
     opts = run.sampler_options(FLAGS.method, num_steps=FLAGS.num_steps, eta=FLAGS.eta,

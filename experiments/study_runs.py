@@ -26,13 +26,20 @@ def define_flags(study: str) -> None:
     config_flags.DEFINE_config_file("config", f"configs/studies.py:{study}", "A study config (configs/studies.py:<study>[_cpu]).",
                                     lock_config=True)
     flags.DEFINE_string("workdir", f"runs/study_{study}", "Where the study writes its JSON, figures and (by default) runs.")
+    flags.DEFINE_integer("cpu_devices", 0, "CPU only: JAX devices to split each batch over; 0 = one per core (the largest "
+                         "count <= the cores that divides the training and sampling batches). No effect on GPU/TPU.",
+                         lower_bound=0)
 
 
 def start(study: str):
-    """(config, workdir) from the flags: the workdir created; exits with one line if --config is
-    another study's or the workdir is unusable."""
+    """(config, workdir) from the flags: the workdir created, the CPU device count set
+    (``ddpm_jax.cpu_devices``); exits with one line if --config is another study's or the workdir
+    is unusable."""
     config = FLAGS.config
+    from ddpm_jax import cpu_devices
     from experiments import sampler_flags
+
+    cpu_devices.configure(FLAGS.cpu_devices, [config.train.batch_size, config.eval.batch_size])
 
     sampler_flags.quiet_logs()
     if config.study != study:

@@ -24,13 +24,22 @@ flags.DEFINE_bool("distributed", False, "Initialise jax.distributed for a multi-
 flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0 (implies --distributed).")
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes (implies --distributed).")
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's index in 0..num_processes-1 (implies --distributed).")
+flags.DEFINE_integer("cpu_devices", 0, "CPU only: JAX devices to split each batch over; 0 = one per core (the largest count "
+                     "<= the cores that divides the batch; 1 with --distributed). XLA_FLAGS' "
+                     "--xla_force_host_platform_device_count wins. No effect on GPU/TPU.", lower_bound=0)
 flags.mark_flags_as_required(["config"])
 
 
-def _init_distributed() -> None:
-    """``jax.distributed.initialize`` before any JAX computation, when asked for."""
+def _init_devices() -> None:
+    """CPU device count (``ddpm_jax.cpu_devices``), then ``jax.distributed.initialize`` when asked
+    for: both before any JAX computation."""
+    from ddpm_jax import cpu_devices
+
     explicit = {k: FLAGS[k].value for k in ("coordinator_address", "num_processes", "process_id") if FLAGS[k].value is not None}
-    if not (FLAGS.distributed or explicit):
+    distributed = FLAGS.distributed or explicit
+    if FLAGS["cpu_devices"].present or not distributed:  # auto only for one process: its batch is the global one
+        cpu_devices.configure(FLAGS.cpu_devices, [FLAGS.config.train.batch_size])
+    if not distributed:
         return
     if explicit and len(explicit) != 3:
         missing = sorted({"coordinator_address", "num_processes", "process_id"} - set(explicit))
@@ -47,7 +56,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not FLAGS["verbosity"].present:  # orbax logs every save at INFO; keep the console readable
         logging.set_verbosity(logging.WARNING)
-    _init_distributed()
+    _init_devices()
     from ddpm_jax.trainer import NonFiniteError, train_and_evaluate
 
     try:

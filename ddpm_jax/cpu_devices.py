@@ -1,0 +1,73 @@
+"""One JAX device per CPU core, so the data-parallel step runs on every core of a CPU-only machine.
+
+On the CPU, JAX gives a process a single device by default, and one XLA program on it keeps the
+other cores only partly busy: the U-Net's convolutions are small (8–256 channels on 28×28), too
+small for intra-op threading to pay. Splitting the global batch over one virtual device per core
+(``jax_num_cpu_devices``) runs the per-device programs side by side — the same data-parallel
+step that spreads a batch over GPUs (``ddpm_jax.train_step.Parallel``), with the same numbers up to
+float rounding of the gradient all-reduce. Measured here: docs/performance.md.
+
+The count must be set before JAX starts its backends (before the first computation), so the
+entry points (``experiments.train``, ``sample``, ``evaluate``, the studies, ``benchmarks.run``)
+call :func:`configure` first thing. It does nothing on a machine where JAX uses a GPU or TPU other
+than giving the (unused) CPU backend more devices.
+"""
+
+from __future__ import annotations
+
+import numbers
+import operator
+import os
+from typing import Iterable, Optional
+
+__all__ = ["available_cores", "choose", "configure", "XLA_FLAG"]
+
+#: The XLA flag that also sets the CPU device count; when XLA_FLAGS has it, it wins.
+XLA_FLAG = "--xla_force_host_platform_device_count"
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, e.g. under ``taskset`` or a
+    container's cpuset), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def choose(requested: int, batch_sizes: Iterable[int] = (), cores: Optional[int] = None) -> int:
+    """The device count: ``requested`` if > 0, else (auto) the largest ``n ≤ cores`` dividing
+    every batch size (so each device gets whole examples; sizes that are not positive integers are
+    skipped — the config's validation reports them).
+
+    Raises ValueError if ``requested`` is negative or not an integer."""
+    if int(requested) != requested or requested < 0:
+        raise ValueError(f"cpu_devices must be 0 (one per core) or a positive integer, got {requested}")
+    if requested:
+        return int(requested)
+    sizes = [operator.index(b) for b in batch_sizes if isinstance(b, numbers.Integral) and b > 0]
+    cores = available_cores() if cores is None else int(cores)
+    return next(n for n in range(max(1, cores), 0, -1) if all(b % n == 0 for b in sizes))
+
+
+def configure(requested: int = 0, batch_sizes: Iterable[int] = ()) -> Optional[int]:
+    """Sets ``jax_num_cpu_devices`` to :func:`choose`'s count, before JAX's backends start.
+
+    Returns the count set, or None where it is left alone: XLA_FLAGS already has
+    ``--xla_force_host_platform_device_count`` (the user's or a test's choice), or JAX's backends
+    are already running (then a warning is logged). Raises ValueError for a bad ``requested``.
+    """
+    n = choose(requested, batch_sizes)
+    if XLA_FLAG in os.environ.get("XLA_FLAGS", ""):
+        return None
+    import jax
+
+    try:
+        jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError:  # a computation already ran: the backends are fixed for this process
+        from absl import logging
+
+        logging.warning("cpu_devices: JAX's backends are already initialised; keeping %d CPU device(s)",
+                        len(jax.devices("cpu")))
+        return None
+    return n
