@@ -63,7 +63,9 @@ def _median_rate(fn, items_per_call: int, *, blocks: int, calls_per_block: int) 
     return statistics.median(rates)
 
 
-def bench_train(preset: str, *, conv_impl: str = "stride1", batch: int = TRAIN_BATCH, blocks: int = 5, steps: int = 20):
+def setup_train(preset: str, conv_impl: str = "stride1", batch: int = TRAIN_BATCH):
+    """(Parallel runner, placed state, schedule, placed batch) of the benchmarked training step:
+    the preset's U-Net, ε objective (simple, summed), Adam with clipping, EMA, T = 200."""
     model = make_model(preset, image_shape=IMAGE_SHAPE, conv_impl=conv_impl)
     params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1,) + IMAGE_SHAPE), jnp.ones((1,)))["params"]
     tx = make_optimizer(_optim_config(), steps_per_epoch=500, params=params)
@@ -72,9 +74,13 @@ def bench_train(preset: str, *, conv_impl: str = "stride1", batch: int = TRAIN_B
     schedule = schedules.make_schedule("linear", 200, beta_start=1e-4, beta_end=0.1)
     state = par.put_state(create_train_state(params, tx, jax.random.PRNGKey(1)))
     x = par.put_batch(np.random.default_rng(0).random((batch,) + IMAGE_SHAPE, dtype=np.float32))
+    return par, state, schedule, x
 
+
+def bench_train(preset: str, *, conv_impl: str = "stride1", batch: int = TRAIN_BATCH, blocks: int = 5, steps: int = 20):
+    par, state, schedule, x = setup_train(preset, conv_impl, batch)
     t0 = time.perf_counter()
-    compiled = par._train.lower(state, schedule, x).compile()
+    compiled = par.compile_train(state, schedule, x)
     compile_s = time.perf_counter() - t0
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost

@@ -164,6 +164,13 @@ class Parallel:
             metrics = jax.tree_util.tree_map(lambda x: x[0], metrics)
         return state, metrics
 
+    def compile_train(self, state, schedule: Schedule, batch):
+        """The step lowered and compiled for these (placed) arguments, without running it: a
+        ``jax.stages.Compiled`` with ``cost_analysis()`` and ``as_text()``, called like
+        :meth:`train`'s jitted step (``compiled(state, schedule, batch) -> (state, metrics)``;
+        under pmap the metrics keep their device axis). For benchmarks and profiles."""
+        return self._train.lower(state, schedule, batch).compile()
+
     def evaluate(self, params, schedule: Schedule, images: np.ndarray, key, batch_size: int) -> float:
         """Mean per-example loss over ``images`` (N, H, W, C), in padded, masked batches of the
         global ``batch_size``; with several processes each feeds its slice of every batch."""
