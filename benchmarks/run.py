@@ -84,7 +84,8 @@ def bench_train(preset: str, *, conv_impl: str = "stride1", batch: int = TRAIN_B
     compile_s = time.perf_counter() - t0
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+    # The compiled SPMD program is one device's share of the step: its FLOPs × the device count.
+    flops = par.num_devices * float(cost.get("flops", float("nan"))) if cost else float("nan")
 
     box = {"state": state}
 
