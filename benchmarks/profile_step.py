@@ -12,8 +12,8 @@ executed HLO operation, summed into groups —
 - ``other``: everything else (GroupNorm, swish, the loss, Adam/EMA, layout copies).
 
 A convolution may be fused with neighbours (e.g. XNNPACK fusions on CPU); the fusion is counted
-whole in its convolution's group. One device (``--cpu_devices`` is 1 here): per-device time, the
-thing that splitting the batch over devices divides.
+whole in its convolution's group. Always one device (``cpu_devices.configure(1)``): per-device
+time, the thing that splitting the batch over devices divides.
 """
 
 from __future__ import annotations

@@ -43,7 +43,6 @@ def main(argv):
 
     try:
         run, opts = sampler_flags.run_and_options()
-        d = run.config.data
         splits = data.splits_from_config(run.config, source=FLAGS.data_source, path=FLAGS.data_path)
         given = None
         if FLAGS.samples:
@@ -72,7 +71,7 @@ def main(argv):
         _, traj = run.make_sampler(FLAGS.trajectory_samples, opts, ema=ema, return_trajectory=True)(jax.random.fold_in(key, 10**6))
         traj = jax.device_get(traj)
     t0 = time.time()
-    report = evaluate_samples(np.asarray(samples), splits, scale=d.scale, seed=FLAGS.seed, trajectory=traj)
+    report = evaluate_samples(np.asarray(samples), splits, scale=run.data_scale, seed=FLAGS.seed, trajectory=traj)
     timing["metrics_s"] = time.time() - t0
     report.update({"workdir": run.workdir, "step": run.step, "params": FLAGS.params, "sampler": {k: v for k, v in opts.items() if k != "clip_x0"},
                    "clip_x0": opts["clip_x0"], "timing": timing})

@@ -30,8 +30,8 @@ def _devices(batch_size: int) -> str:
 
     from ddpm_jax import data
 
-    n = 1 if data.batch_sharding(batch_size) is None else jax.local_device_count()
-    return f"{n} {jax.devices()[0].platform} device(s)"
+    sharding = data.batch_sharding(batch_size)  # the split make_sampler uses
+    return f"{1 if sharding is None else len(sharding.device_set)} {jax.devices()[0].platform} device(s)"
 
 
 def main(argv):
