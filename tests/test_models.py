@@ -362,13 +362,55 @@ def test_four_phase_transposed_conv_equals_the_dilated_form(x64, h, w, op):
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
+def _value_and_vjp(f, x, k, g):
+    y, vjp = jax.vjp(f, x, k)
+    return (y,) + vjp(g)
+
+
+@pytest.mark.parametrize("h,w,op", [(4, 4, (0, 0)), (4, 4, (1, 1)), (7, 7, (0, 0)), (7, 5, (1, 0)), (14, 14, (0, 1))])
+def test_phase_split_transposed_conv_equals_the_dilated_form(x64, h, w, op):
+    """conv_ops.conv_transpose3x3_stride2_phases (four convolutions of 1x1, 1x2, 2x1, 2x2 taps)
+    equals ConvTranspose's input-dilated convolution in value and in both gradients (input and
+    kernel, for a random cotangent), every output_padding; float64: summation-order rounding."""
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=(2, h, w, 3)))
+    layer = ConvTranspose(4, stride=2, output_padding=op, dtype=jnp.float64)
+    k = jnp.asarray(rng.normal(size=(3, 3, 3, 4)))
+    g = jnp.asarray(rng.normal(size=(2, 2 * h - 1 + op[0], 2 * w - 1 + op[1], 4)))
+    want = _value_and_vjp(lambda a, b: layer.apply({"params": {"kernel": b}}, a), x, k, g)
+    got = _value_and_vjp(lambda a, b: conv_ops.conv_transpose3x3_stride2_phases(a, b, op), x, k, g)
+    for u, v in zip(got, want):
+        assert u.shape == v.shape
+        np.testing.assert_allclose(u, v, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("h,w,cin,cout", [(28, 28, 16, 1), (7, 5, 4, 3), (8, 8, 2, 2)])
+def test_col2im_output_conv_equals_the_direct_form(x64, h, w, cin, cout):
+    """conv_ops.conv_transpose3x3_col2im (matrix product + shifted sum; its custom backward: the
+    kernel gradient as one matrix product with the shifted cotangent) equals the stride-1
+    ConvTranspose (PyTorch ConvTranspose2d(k=3, padding=1)) in value and in both gradients;
+    float64: summation-order rounding."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(2, h, w, cin)))
+    k = jnp.asarray(rng.normal(size=(3, 3, cin, cout)))
+    g = jnp.asarray(rng.normal(size=(2, h, w, cout)))
+    layer = ConvTranspose(cout, stride=1, dtype=jnp.float64)
+    want = _value_and_vjp(lambda a, b: layer.apply({"params": {"kernel": b}}, a), x, k, g)
+    got = _value_and_vjp(conv_ops.conv_transpose3x3_col2im, x, k, g)
+    for u, v in zip(got, want):
+        assert u.shape == v.shape
+        np.testing.assert_allclose(u, v, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("impl", ["stride1", "phases"])
 @pytest.mark.parametrize("shape", [(28, 28, 1), (32, 32, 3)])
-def test_conv_impls_give_the_same_network(shape):
-    """ScoreNet with conv_impl='stride1' has the same parameter tree and initial values as 'xla',
-    and with the same params the same output and gradients, up to float32 summation order
-    (measured ~4e-7 relative on the output, ~1e-6 relative on gradients; tolerance 2e-5)."""
+def test_conv_impls_give_the_same_network(shape, impl):
+    """ScoreNet with conv_impl='stride1' or 'phases' has the same parameter tree and initial
+    values as 'xla', and with the same params the same output and gradients, up to float32
+    summation order (measured ~4e-7 relative on the output, ~1e-6 relative on gradients;
+    tolerance 2e-5)."""
     a = make_model("small", image_shape=shape)
-    b = make_model("small", image_shape=shape, conv_impl="stride1")
+    b = make_model("small", image_shape=shape, conv_impl=impl)
     x = jax.random.normal(jax.random.PRNGKey(1), (4,) + shape)
     t = jnp.arange(1, 5.0)
     pa, pb = a.init(KEY, x, t)["params"], b.init(KEY, x, t)["params"]

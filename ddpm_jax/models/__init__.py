@@ -55,8 +55,9 @@ def make_model(preset_or_channels: Union[str, Sequence[int]], *, image_shape: Se
                fourier_scale: float = 30.0, dtype: Any = jnp.float32, conv_impl: str = "xla") -> ScoreNet:
     """Builds a ``ScoreNet`` from a preset name ('small' | 'medium' | 'large') or 4 widths.
 
-    ``conv_impl`` picks how the stride-2 convolutions are computed ('xla' | 'stride1', see
-    :data:`ddpm_jax.models.unet.CONV_IMPLS`); parameters and results are the same.
+    ``conv_impl`` picks how the strided, transposed and output convolutions are computed
+    ('xla' | 'stride1' | 'phases', see :data:`ddpm_jax.models.unet.CONV_IMPLS`); parameters and
+    results are the same.
 
     ``image_shape`` is ``(H, W, C)``; the output has ``C`` channels. The configuration is
     validated here (an abstract ``init`` via ``jax.eval_shape``: no FLOPs, no memory), so a bad

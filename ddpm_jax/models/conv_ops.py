@@ -1,22 +1,29 @@
-"""Exact reformulations of the U-Net's stride-2 convolutions as stride-1 convolutions.
+"""Exact reformulations of the U-Net's strided, transposed and output convolutions.
 
 XLA on CPU lowers a convolution with a dilated input (``lhs_dilation``: a transposed
-convolution, and the input gradient of every strided convolution) to a slow generic loop, while
-plain stride-1 convolutions go to its fast (Eigen / oneDNN) kernels. These functions compute the
-same numbers through stride-1 convolutions only, so forward *and* backward passes stay fast.
-Both use the weights exactly as stored (``(3, 3, Cin, Cout)``, HWIO); the tests check them
-against the direct formulations to float rounding.
+convolution, and the input gradient of every strided convolution) and the weight gradient of a
+transposed convolution (``rhs_dilation``) to a slow generic loop, while plain stride-1
+convolutions go to its fast kernels. These functions compute the same numbers through stride-1
+convolutions and matrix products. All use the weights exactly as stored (``(3, 3, Cin, Cout)``,
+HWIO); the tests check values and gradients against the direct formulations to float rounding.
 
 Notation for one spatial axis (the other is the same): a 3×3 kernel tap ``k ∈ {0, 1, 2}``.
 
 - Strided convolution, padding 1: y[m] = Σ_k x[2m − 1 + k]·w[k]. With the input split into pairs
   X[j] = (x[2j], x[2j+1]) (space-to-depth) this is y[m] = X[m−1][1]·w[0] + X[m][0]·w[1] +
-  X[m][1]·w[2]: a 2×2 stride-1 convolution of X (4·Cin channels) padded by one at the start.
+  X[m][1]·w[2]: a 2×2 stride-1 convolution of X (4·Cin channels) padded by one at the start
+  (:func:`conv3x3_stride2`).
 - Transposed convolution (PyTorch ``ConvTranspose2d``, stride 2, padding 1): y[o] = Σ_{i,k:
   o = 2i − 1 + k} x[i]·w[k], so the even outputs are y[2m] = x[m]·w[1] and the odd ones
-  y[2m+1] = x[m]·w[2] + x[m+1]·w[0]. All four (row, column) phases come from one 2×2 stride-1
-  convolution with 4·Cout outputs (input padded by one at the end), then depth-to-space, then a
-  crop to the PyTorch size 2H − 1 + output_padding.
+  y[2m+1] = x[m]·w[2] + x[m+1]·w[0]. The four (row, column) phases come either from one 2×2
+  stride-1 convolution with 4·Cout outputs (:func:`conv_transpose3x3_stride2`: simple, but 16
+  multiply-adds per 9 useful ones) or from four convolutions of 1×1, 1×2, 2×1 and 2×2 taps
+  (:func:`conv_transpose3x3_stride2_phases`: only the useful ones); either way the phases are
+  interleaved (depth-to-space) and cropped to the PyTorch size 2H − 1 + output_padding.
+- Transposed convolution, stride 1, padding 1 (the output layer, few output channels):
+  y[q] = Σ_k x[q + 1 − k]·w[k], computed as z[p, k] = x[p]·w[k] (one matrix product) and a
+  shifted sum of z, its kernel gradient as one matrix product too
+  (:func:`conv_transpose3x3_col2im`).
 """
 
 from __future__ import annotations
@@ -26,7 +33,8 @@ from typing import Tuple
 import jax
 import jax.numpy as jnp
 
-__all__ = ["conv3x3_stride2", "conv_transpose3x3_stride2"]
+__all__ = ["conv3x3_stride2", "conv_transpose3x3_stride2", "conv_transpose3x3_stride2_phases",
+           "conv_transpose3x3_col2im"]
 
 _DN = ("NHWC", "HWIO", "NHWC")
 
@@ -77,3 +85,86 @@ def conv_transpose3x3_stride2(x, kernel, output_padding: Tuple[int, int] = (0, 0
     y = jax.lax.conv_general_dilated(x, k2.astype(x.dtype), (1, 1), [(0, 1), (0, 1)], dimension_numbers=_DN)
     y = y.reshape(B, H, W, 2, 2, O).transpose(0, 1, 3, 2, 4, 5).reshape(B, 2 * H, 2 * W, O)
     return y[:, : 2 * H - 1 + output_padding[0], : 2 * W - 1 + output_padding[1]]
+
+
+def conv_transpose3x3_stride2_phases(x, kernel, output_padding: Tuple[int, int] = (0, 0)):
+    """The same transposed convolution as :func:`conv_transpose3x3_stride2`, each phase its own
+    convolution with only its non-zero taps: no multiply-adds on zeros (the 2×2 form does 16 per
+    9 useful).
+
+    ``x`` (B, H, W, Cin), ``kernel`` (3, 3, Cin, Cout) → (B, 2H − 1 + op_h, 2W − 1 + op_w, Cout).
+    With the phases of the module docstring (``x`` zero beyond its end):
+
+        y[2m,   2n  ] = x[m, n]·w[1, 1]                                   1×1
+        y[2m,   2n+1] = x[m, n]·w[1, 2] + x[m, n+1]·w[1, 0]                 1×2
+        y[2m+1, 2n  ] = x[m, n]·w[2, 1] + x[m+1, n]·w[0, 1]                 2×1
+        y[2m+1, 2n+1] = x[m, n]·w[2, 2] + x[m, n+1]·w[2, 0]
+                      + x[m+1, n]·w[0, 2] + x[m+1, n+1]·w[0, 0]             2×2
+
+    then the four interleaved (depth-to-space) and cropped to the PyTorch size.
+    """
+    B, H, W, C = x.shape
+    O = kernel.shape[-1]
+    w = kernel.astype(x.dtype)
+    conv = lambda k, pad: jax.lax.conv_general_dilated(x, k, (1, 1), pad, dimension_numbers=_DN)  # noqa: E731
+    ee = jnp.einsum("bhwc,co->bhwo", x, w[1, 1])
+    eo = conv(w[1:2, ::-2], [(0, 0), (0, 1)])  # taps [w[1, 2], w[1, 0]]
+    oe = conv(w[::-2, 1:2], [(0, 1), (0, 0)])  # taps [w[2, 1]; w[0, 1]]
+    oo = conv(w[::-2, ::-2], [(0, 1), (0, 1)])  # taps [[w[2, 2], w[2, 0]], [w[0, 2], w[0, 0]]]
+    y = jnp.stack([ee, eo, oe, oo], axis=3).reshape(B, H, W, 2, 2, O).transpose(0, 1, 3, 2, 4, 5).reshape(B, 2 * H, 2 * W, O)
+    return y[:, : 2 * H - 1 + output_padding[0], : 2 * W - 1 + output_padding[1]]
+
+
+def _conv_transpose3x3_direct(x, kernel):
+    """PyTorch ``ConvTranspose2d(k=3, stride=1, padding=1)`` as written: a padding-1 convolution
+    with the spatially flipped kernel."""
+    return jax.lax.conv_general_dilated(x, jnp.flip(kernel, (0, 1)).astype(x.dtype), (1, 1), [(1, 1), (1, 1)],
+                                        dimension_numbers=_DN)
+
+
+def _col2im_forward(x, kernel):
+    B, H, W, C = x.shape
+    O = kernel.shape[-1]
+    taps = kernel.astype(x.dtype).reshape(9, C, O).transpose(1, 0, 2)  # (Cin, 9, Cout), tap k = 3i + j
+    z = jnp.einsum("bhwc,cko->bhwko", x, taps)
+    zp = jnp.pad(z, ((0, 0), (1, 1), (1, 1), (0, 0), (0, 0)))
+    return sum(zp[:, 2 - i: 2 - i + H, 2 - j: 2 - j + W, 3 * i + j] for i in range(3) for j in range(3))
+
+
+def _shifted_taps(y):
+    """(B, H, W, 9, C): the 9 copies y[q + k − 1] (zero outside), tap k = 3i + j."""
+    B, H, W, _ = y.shape
+    yp = jnp.pad(y, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    return jnp.stack([yp[:, i: i + H, j: j + W] for i in range(3) for j in range(3)], axis=3)
+
+
+@jax.custom_vjp
+def conv_transpose3x3_col2im(x, kernel):
+    """PyTorch ``ConvTranspose2d(k=3, stride=1, padding=1)`` (the U-Net's output layer) through
+    matrix products: fast on CPU when Cout is small (an image's 1 or 3 channels), where the
+    convolution's own matrix products have only Cout columns.
+
+    ``x`` (B, H, W, Cin), ``kernel`` (3, 3, Cin, Cout) → (B, H, W, Cout). Each input pixel
+    scatters x[p]·w[k] to the output pixel q = p − 1 + k (k the 2-D tap), so
+
+        forward:         z[p, k] = x[p]·w[k]   (one (B·H·W, Cin) × (Cin, 9·Cout) product),
+                         y[q] = Σ_k z[q + 1 − k, k]   (col2im: a shifted sum, z zero outside);
+        kernel gradient: ∂L/∂w[k] = Σ_p x[p]ᵀ g[p − 1 + k]   (one (Cin, B·H·W) × (B·H·W, 9·Cout)
+                         product with the 9 shifted copies of g = ∂L/∂y);
+        input gradient:  the direct convolution's (a stride-1 convolution to Cin channels).
+    """
+    return _col2im_forward(x, kernel)
+
+
+def _col2im_fwd(x, kernel):
+    return _col2im_forward(x, kernel), (x, kernel)
+
+
+def _col2im_bwd(res, g):
+    x, kernel = res
+    dx = jax.vjp(lambda a: _conv_transpose3x3_direct(a, kernel), x)[1](g)[0]
+    dw = jnp.einsum("bhwc,bhwko->kco", x, _shifted_taps(g)).reshape(kernel.shape)
+    return dx, dw.astype(kernel.dtype)
+
+
+conv_transpose3x3_col2im.defvjp(_col2im_fwd, _col2im_bwd)

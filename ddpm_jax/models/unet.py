@@ -66,10 +66,15 @@ MIN_IMAGE_SIZE = 2**NUM_DOWNSAMPLES
 _KERNEL = 3
 _PAD = 1
 
-#: How the stride-2 convolutions are computed: 'xla' (strided / input-dilated convolutions as
-#: written) or 'stride1' (the exact stride-1 reformulations of :mod:`conv_ops`, much faster on
-#: CPU). Same parameters, same numbers up to float rounding.
-CONV_IMPLS = ("xla", "stride1")
+#: How the strided, transposed and output convolutions are computed (:mod:`conv_ops`):
+#: - 'xla': as written (strided convolutions, input-dilated transposed convolutions);
+#: - 'stride1': space-to-depth strided convolutions, transposed ones as one four-phase 2×2
+#:   convolution (stride-1 convolutions only);
+#: - 'phases': strided convolutions as written, transposed ones as four convolutions of only
+#:   their non-zero taps, the output layer's forward pass as a matrix product + col2im (the
+#:   fastest on CPU, most of all for wide networks).
+#: Same parameters, same numbers up to float rounding (tested).
+CONV_IMPLS = ("xla", "stride1", "phases")
 
 
 def torch_uniform_init(fan_in: int):
@@ -189,7 +194,7 @@ class ConvTranspose(nn.Module):
     kernel_size: int = _KERNEL
     use_bias: bool = False
     dtype: Any = jnp.float32
-    impl: str = "xla"  # 'stride1': conv_ops' four-phase form (stride 2, k 3, padding 1 only)
+    impl: str = "xla"  # see CONV_IMPLS; 'stride1'/'phases' apply to k 3, padding 1 only
 
     @nn.compact
     def __call__(self, x):
@@ -197,7 +202,12 @@ class ConvTranspose(nn.Module):
         cin = x.shape[-1]
         fan_in = self.features * k * k  # PyTorch's ConvTranspose2d quirk, see docstring
         kernel = self.param("kernel", torch_uniform_init(fan_in), (k, k, cin, self.features))
-        if self.impl == "stride1" and (self.stride, k, self.padding) == (2, 3, 1):
+        form = (self.stride, k, self.padding)
+        if self.impl == "phases" and form == (1, 3, 1):
+            y = conv_ops.conv_transpose3x3_col2im(x.astype(self.dtype), kernel.astype(self.dtype))
+        elif self.impl == "phases" and form == (2, 3, 1):
+            y = conv_ops.conv_transpose3x3_stride2_phases(x.astype(self.dtype), kernel.astype(self.dtype), self.output_padding)
+        elif self.impl == "stride1" and form == (2, 3, 1):
             y = conv_ops.conv_transpose3x3_stride2(x.astype(self.dtype), kernel.astype(self.dtype), self.output_padding)
         else:
             lo = k - 1 - self.padding
@@ -244,8 +254,8 @@ class ScoreNet(nn.Module):
         ``params['rho1']`` (both initialised to 1) instead of the raw network output δ.
       dtype: computation dtype of convolutions and dense layers (params stay float32; the Fourier
         features and GroupNorm statistics are computed in float32; the output is float32).
-      conv_impl: 'xla' or 'stride1' (see ``CONV_IMPLS``): how the stride-2 convolutions and
-        transposed convolutions are computed; the parameters are the same either way.
+      conv_impl: 'xla', 'stride1' or 'phases' (see ``CONV_IMPLS``): how the strided, transposed
+        and output convolutions are computed; the parameters are the same either way.
 
     Call: ``x`` ``(B, H, W, C)`` float, ``t`` ``(B,)`` (or a scalar, broadcast) ints or floats used
     as given → ``(B, H, W, out_channels)`` float32. Unusable shapes or widths raise ``ValueError``
@@ -328,7 +338,7 @@ class ScoreNet(nn.Module):
         u = jnp.concatenate([u, h2], axis=-1)
         u = act(self._norm("tnorm2")(up(c1, u, h1.shape, "tconv2") + tbias(c1, "dense7")))
         u = jnp.concatenate([u, h1], axis=-1)
-        delta = ConvTranspose(out_ch, stride=1, use_bias=True, dtype=self.dtype,
+        delta = ConvTranspose(out_ch, stride=1, use_bias=True, dtype=self.dtype, impl=self.conv_impl,
                               name="tconv1")(u).astype(jnp.float32)
 
         if not self.rho_head:
