@@ -50,10 +50,10 @@ def get_config(variant: str = "eps") -> ml_collections.ConfigDict:
     c.model.fourier_scale = 30.0
     c.model.rho_head = variant in ("mean", "xprev")  # μ = ρ0 (x_t − ρ1 δ), the notebook's Coding I head
     c.model.time_input = "index"  # 'index': the network sees t (the notebook) | 'fraction': t / T
-    # How the stride-2 (transposed) convolutions are computed; same parameters and numbers either way.
-    # 'stride1': exact stride-1 forms, faster training on CPU (small 1.2x on one device, 1.6x on two;
-    # medium 2.3x; docs/performance.md) | 'xla': as written.
-    c.model.conv_impl = "stride1"
+    # How the strided, transposed and output convolutions are computed; same parameters and numbers
+    # either way (ddpm_jax/models/unet.py CONV_IMPLS). 'phases': the fastest on CPU (docs/performance.md)
+    # | 'stride1': stride-1 convolutions only | 'xla': as written.
+    c.model.conv_impl = "phases"
 
     c.objective = ml_collections.ConfigDict()
     c.objective.name = variant
