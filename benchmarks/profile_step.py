@@ -1,18 +1,21 @@
 """Where the training step's time goes, by XLA operation: a profile of the compiled step.
 
-    python -m benchmarks.profile_step --preset small --conv_impl stride1 [--top 15]
+    python -m benchmarks.profile_step --preset small --conv_impl phases [--top 15]
 
 Runs the step ``benchmarks.run`` times (ε objective, Adam, EMA, clipping; batch 100, 28×28) under
 ``jax.profiler`` and reads the per-operation events of its trace: milliseconds per step for each
 executed HLO operation, summed into groups —
 
-- ``conv: kernel gradient``: convolutions whose output has a kernel's shape (up to a transpose):
-  the weight gradients of the backward pass;
-- ``conv: activations``: the other convolutions (forward, and input gradients);
+- ``conv: kernel gradient``: convolutions and matrix products whose output is not a batch of
+  activations (its leading dimension is not a multiple of the batch, as ``B`` or ``B·H·W`` would
+  be): the weight gradients of the backward pass;
+- ``conv: activations``: the other convolutions and matrix products (forward, and input
+  gradients; the dense layers of the time embedding are here too, a small share);
 - ``other``: everything else (GroupNorm, swish, the loss, Adam/EMA, layout copies).
 
 A convolution may be fused with neighbours (e.g. XNNPACK fusions on CPU); the fusion is counted
-whole in its convolution's group. Always one device (``cpu_devices.configure(1)``): per-device
+whole in its convolution's group. Any ``conv_impl`` classifies the same way: its reformulated
+kernels need not be known. Always one device (``cpu_devices.configure(1)``): per-device
 time, the thing that splitting the batch over devices divides.
 """
 
@@ -27,11 +30,15 @@ import re
 import sys
 import tempfile
 
+from benchmarks.run import TRAIN_BATCH
+from ddpm_jax.models.unet import CONV_IMPLS
+
 SKIP = ("ThunkExecutor", "$", "PjitFunction", "ParseArguments", "CommonPjRt", "SlinkyThreadPool")
 
 
 def _conv_names(hlo_text: str):
-    """{HLO instruction name: output dims} for every convolution and every fusion whose body has one."""
+    """{HLO instruction name: output dims} for every convolution / matrix product (``dot``) and
+    every fusion whose body has one."""
     convs_in = set()
     current = None
     for line in hlo_text.splitlines():
@@ -39,7 +46,7 @@ def _conv_names(hlo_text: str):
         if m:
             current = m.group(1)
             continue
-        if current and " convolution(" in line:
+        if current and (" convolution(" in line or " dot(" in line):
             convs_in.add(current)
     out = {}
     for line in hlo_text.splitlines():
@@ -48,13 +55,13 @@ def _conv_names(hlo_text: str):
             continue
         name, dims, op = m.group(1), [int(d) for d in m.group(2).split(",") if d], m.group(3)
         called = re.search(r"calls=%([\w.\-]+)", line)
-        if op == "convolution" or (op == "fusion" and called and called.group(1) in convs_in):
+        if op in ("convolution", "dot") or (op == "fusion" and called and called.group(1) in convs_in):
             out[name] = dims
     return out
 
 
 def profile(preset: str, conv_impl: str, steps: int = 10):
-    """(ms per step by operation, convolution output dims by name, kernel shapes) of the step."""
+    """(ms per step by operation, convolution output dims by name) of the step."""
     import jax
 
     from benchmarks import run as bench
@@ -76,32 +83,26 @@ def profile(preset: str, conv_impl: str, steps: int = 10):
     for e in events:
         if e.get("ph") == "X" and not e["name"].startswith(SKIP):
             ms[e["name"]] += e.get("dur", 0) / 1000 / steps
-    kernels = {tuple(sorted(k.shape)) for k in jax.tree_util.tree_leaves(state.params) if k.ndim == 4}
-    return ms, _conv_names(compiled.as_text()), kernels
+    return ms, _conv_names(compiled.as_text())
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", choices=("small", "medium"), default="small")
-    ap.add_argument("--conv_impl", choices=("xla", "stride1"), default="stride1")
+    ap.add_argument("--conv_impl", choices=CONV_IMPLS, default="phases")
     ap.add_argument("--top", type=int, default=12, help="also list the N slowest operations")
     ap.add_argument("--json", action="store_true", help="one JSON object per group")
     args = ap.parse_args(argv)
     from ddpm_jax import cpu_devices
 
     cpu_devices.configure(1)
-    ms, convs, kernels = profile(args.preset, args.conv_impl)
-    stride1_kernels = set()
-    for k in kernels:  # conv_ops' 2×2 forms have 4·Cin inputs or 4·Cout outputs
-        a, b = k[2], k[3]
-        stride1_kernels |= {tuple(sorted((2, 2, 4 * a, b))), tuple(sorted((2, 2, a, 4 * b))), tuple(sorted((2, 2, 4 * b, a))),
-                            tuple(sorted((2, 2, b, 4 * a)))}
+    ms, convs = profile(args.preset, args.conv_impl)
 
     def group(name):
         if name not in convs:
             return "other"
-        shape = tuple(sorted(convs[name]))
-        return "conv: kernel gradient" if shape in kernels | stride1_kernels else "conv: activations"
+        batch_like = bool(convs[name]) and convs[name][0] % TRAIN_BATCH == 0  # (B, ...) or (B·H·W, ...)
+        return "conv: activations" if batch_like else "conv: kernel gradient"
 
     groups = collections.Counter()
     for name, t in ms.items():

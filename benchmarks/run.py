@@ -18,8 +18,10 @@ On a CPU the batch is split over one JAX device per core, as ``experiments.train
 (``--cpu_devices``, ``ddpm_jax.cpu_devices``); ``--cpu_devices 1`` measures a single device. The
 ``device`` field of every row says how many were used.
 
-Training is measured with both formulations of the stride-2 convolutions (``model.conv_impl``
-'xla' and 'stride1'), sampling with the last one given (``--conv_impl`` picks).
+Training is measured with every formulation of the strided and transposed convolutions
+(``model.conv_impl``: 'xla', 'stride1', 'phases'; ``--conv_impl`` picks), compiled first and then
+timed in interleaved blocks; sampling with the last one given. The peak RSS of a row is the
+process's so far, so it includes every formulation set up before it.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import numpy as np
 
 from ddpm_jax import cpu_devices, data, objectives, sampling, schedules
 from ddpm_jax.models import make_model, make_model_fn
+from ddpm_jax.models.unet import CONV_IMPLS
 from ddpm_jax.train_state import create_train_state, make_optimizer
 from ddpm_jax.train_step import Parallel, StepConfig
 
@@ -51,19 +54,22 @@ def _optim_config(lr: float = 0.01) -> ml_collections.ConfigDict:
                                           decay_factor=0.1, decay_every_epochs=20, warmup_steps=0, grad_clip_norm=1.0))
 
 
-def _median_rate(fn, items_per_call: int, *, blocks: int, calls_per_block: int) -> float:
-    """Median over ``blocks`` of items/s, each block ``calls_per_block`` calls of ``fn`` (which
-    must block until its result is ready)."""
-    rates = []
+def _median_rates(fns, items_per_call: int, *, blocks: int, calls_per_block: int):
+    """{name: median over ``blocks`` of items/s} for each of ``fns`` ({name: fn}), each block
+    ``calls_per_block`` calls of ``fn`` (which must block until its result is ready). The blocks of
+    the different functions are interleaved, so a machine whose speed drifts (a shared VM) slows
+    them all alike and the ratios stay meaningful."""
+    rates = {name: [] for name in fns}
     for _ in range(blocks):
-        t0 = time.perf_counter()
-        for _ in range(calls_per_block):
-            fn()
-        rates.append(items_per_call * calls_per_block / (time.perf_counter() - t0))
-    return statistics.median(rates)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(calls_per_block):
+                fn()
+            rates[name].append(items_per_call * calls_per_block / (time.perf_counter() - t0))
+    return {name: statistics.median(r) for name, r in rates.items()}
 
 
-def setup_train(preset: str, conv_impl: str = "stride1", batch: int = TRAIN_BATCH):
+def setup_train(preset: str, conv_impl: str = "phases", batch: int = TRAIN_BATCH):
     """(Parallel runner, placed state, schedule, placed batch) of the benchmarked training step:
     the preset's U-Net, ε objective (simple, summed), Adam with clipping, EMA, T = 200."""
     model = make_model(preset, image_shape=IMAGE_SHAPE, conv_impl=conv_impl)
@@ -77,34 +83,38 @@ def setup_train(preset: str, conv_impl: str = "stride1", batch: int = TRAIN_BATC
     return par, state, schedule, x
 
 
-def bench_train(preset: str, *, conv_impl: str = "stride1", batch: int = TRAIN_BATCH, blocks: int = 5, steps: int = 20):
-    par, state, schedule, x = setup_train(preset, conv_impl, batch)
-    t0 = time.perf_counter()
-    compiled = par.compile_train(state, schedule, x)
-    compile_s = time.perf_counter() - t0
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    # The compiled SPMD program is one device's share of the step: its FLOPs × the device count.
-    flops = par.num_devices * float(cost.get("flops", float("nan"))) if cost else float("nan")
+def bench_train(preset: str, conv_impls=("phases",), *, batch: int = TRAIN_BATCH, blocks: int = 5, steps: int = 20):
+    """{conv_impl: [(name, value, unit), ...]} of the training step, each formulation compiled and
+    warmed up first, then timed in interleaved blocks."""
+    steppers, results = {}, {}
+    for impl in conv_impls:
+        par, state, schedule, x = setup_train(preset, impl, batch)
+        t0 = time.perf_counter()
+        compiled = par.compile_train(state, schedule, x)
+        compile_s = time.perf_counter() - t0
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        # The compiled SPMD program is one device's share of the step: its FLOPs × the device count.
+        flops = par.num_devices * float(cost.get("flops", float("nan"))) if cost else float("nan")
 
-    box = {"state": state}
+        def step(compiled=compiled, box={"state": state}, schedule=schedule, x=x):
+            box["state"], m = compiled(box["state"], schedule, x)
+            m["loss"].block_until_ready()
 
-    def step():
-        box["state"], m = compiled(box["state"], schedule, x)
-        m["loss"].block_until_ready()
-
-    for _ in range(5):  # warm-up
-        step()
-    ips = _median_rate(step, batch, blocks=blocks, calls_per_block=steps)
-    return [
-        ("train_images_per_sec", ips, "images/s"),
+        for _ in range(5):  # warm-up
+            step()
+        steppers[impl] = step
+        results[impl] = (compile_s, flops)
+    rates = _median_rates(steppers, batch, blocks=blocks, calls_per_block=steps)
+    return {impl: [
+        ("train_images_per_sec", rates[impl], "images/s"),
         ("train_compile_s", compile_s, "s"),
         ("train_gflops_per_image", flops / batch / 1e9, "GFLOP"),
-        ("train_gflop_per_sec", flops / batch * ips / 1e9, "GFLOP/s"),
-    ]
+        ("train_gflop_per_sec", flops / batch * rates[impl] / 1e9, "GFLOP/s"),
+    ] for impl, (compile_s, flops) in results.items()}
 
 
-def bench_sample(preset: str, *, conv_impl: str = "stride1", batch: int = SAMPLE_BATCH, blocks: int = 3):
+def bench_sample(preset: str, *, conv_impl: str = "phases", batch: int = SAMPLE_BATCH, blocks: int = 3):
     model = make_model(preset, image_shape=IMAGE_SHAPE, conv_impl=conv_impl)
     params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1,) + IMAGE_SHAPE), jnp.ones((1,)))["params"]
     schedule = schedules.make_schedule("linear", 200, beta_start=1e-4, beta_end=0.1)
@@ -118,7 +128,8 @@ def bench_sample(preset: str, *, conv_impl: str = "stride1", batch: int = SAMPLE
     compiled = jax.jit(draw, out_shardings=data.batch_sharding(batch)).lower(params, key).compile()
     compile_s = time.perf_counter() - t0
     compiled(params, key).block_until_ready()  # warm-up
-    ips = _median_rate(lambda: compiled(params, key).block_until_ready(), batch, blocks=blocks, calls_per_block=1)
+    ips = _median_rates({conv_impl: lambda: compiled(params, key).block_until_ready()}, batch, blocks=blocks,
+                        calls_per_block=1)[conv_impl]
     return [("sample_images_per_sec", ips, "images/s"), ("sample_compile_s", compile_s, "s")]
 
 
@@ -126,8 +137,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", choices=("small", "medium"), action="append",
                     help="U-Net preset(s) to measure (default: small and medium)")
-    ap.add_argument("--conv_impl", choices=("stride1", "xla"), action="append",
-                    help="how the stride-2 convolutions are computed (default: both; sampling with the last)")
+    ap.add_argument("--conv_impl", choices=CONV_IMPLS, action="append",
+                    help="model.conv_impl: how the strided/transposed convolutions are computed "
+                         "(default: all, timed in interleaved blocks; sampling with the last)")
     ap.add_argument("--json", action="store_true", help="one JSON object per line")
     ap.add_argument("--skip_sampling", action="store_true", help="training only")
     ap.add_argument("--blocks", type=int, default=5, help="timed blocks per measurement (median reported)")
@@ -142,11 +154,12 @@ def main(argv=None) -> int:
     device = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
     rows = []
     for preset in presets:
-        impls = args.conv_impl or ["xla", "stride1"]
+        impls = args.conv_impl or list(CONV_IMPLS)
+        # fewer steps per block for medium (13x the FLOPs) keeps each block ~ a few seconds
+        train = bench_train(preset, impls, blocks=args.blocks, steps=20 if preset == "small" else 4)
         for impl in impls:
-            # fewer steps per block for medium (13x the FLOPs) keeps each block ~ a few seconds
-            results = bench_train(preset, conv_impl=impl, blocks=args.blocks, steps=20 if preset == "small" else 4)
-            if not args.skip_sampling and impl == impls[-1]:  # sampling with one formulation (xla is slow for medium)
+            results = train[impl]
+            if not args.skip_sampling and impl == impls[-1]:  # sampling with one formulation
                 results += bench_sample(preset, conv_impl=impl, blocks=max(1, args.blocks // 2))
             results.append(("peak_rss_mib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "MiB"))
             for name, value, unit in results:
