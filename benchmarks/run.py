@@ -83,6 +83,17 @@ def setup_train(preset: str, conv_impl: str = "phases", batch: int = TRAIN_BATCH
     return par, state, schedule, x
 
 
+def _stepper(compiled, state, schedule, x):
+    """A call that runs one compiled step on its own (donated, carried-over) state and waits."""
+    box = {"state": state}
+
+    def step():
+        box["state"], m = compiled(box["state"], schedule, x)
+        m["loss"].block_until_ready()
+
+    return step
+
+
 def bench_train(preset: str, conv_impls=("phases",), *, batch: int = TRAIN_BATCH, blocks: int = 5, steps: int = 20):
     """{conv_impl: [(name, value, unit), ...]} of the training step, each formulation compiled and
     warmed up first, then timed in interleaved blocks."""
@@ -97,10 +108,7 @@ def bench_train(preset: str, conv_impls=("phases",), *, batch: int = TRAIN_BATCH
         # The compiled SPMD program is one device's share of the step: its FLOPs × the device count.
         flops = par.num_devices * float(cost.get("flops", float("nan"))) if cost else float("nan")
 
-        def step(compiled=compiled, box={"state": state}, schedule=schedule, x=x):
-            box["state"], m = compiled(box["state"], schedule, x)
-            m["loss"].block_until_ready()
-
+        step = _stepper(compiled, state, schedule, x)
         for _ in range(5):  # warm-up
             step()
         steppers[impl] = step

@@ -347,38 +347,26 @@ def test_space_to_depth_conv_equals_strided_conv(x64, h, w):
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("h,w,op", [(4, 4, (0, 0)), (4, 4, (1, 1)), (7, 7, (0, 0)), (7, 5, (1, 0)), (14, 14, (0, 0))])
-def test_four_phase_transposed_conv_equals_the_dilated_form(x64, h, w, op):
-    """conv_ops.conv_transpose3x3_stride2 equals ConvTranspose's input-dilated convolution (the
-    PyTorch ConvTranspose2d, checked against the adjoint above) for every output_padding; float64,
-    so the tolerance is summation-order rounding."""
-    rng = np.random.default_rng(1)
-    x = jnp.asarray(rng.normal(size=(2, h, w, 3)))
-    layer = ConvTranspose(4, stride=2, output_padding=op, dtype=jnp.float64)
-    params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), layer.init(KEY, x)["params"])
-    want = layer.apply({"params": params}, x)
-    got = conv_ops.conv_transpose3x3_stride2(x, params["kernel"], op)
-    assert got.shape == want.shape == (2, 2 * h - 1 + op[0], 2 * w - 1 + op[1], 4)
-    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
-
-
 def _value_and_vjp(f, x, k, g):
     y, vjp = jax.vjp(f, x, k)
     return (y,) + vjp(g)
 
 
+@pytest.mark.parametrize("form", ["conv_transpose3x3_stride2", "conv_transpose3x3_stride2_phases"])
 @pytest.mark.parametrize("h,w,op", [(4, 4, (0, 0)), (4, 4, (1, 1)), (7, 7, (0, 0)), (7, 5, (1, 0)), (14, 14, (0, 1))])
-def test_phase_split_transposed_conv_equals_the_dilated_form(x64, h, w, op):
-    """conv_ops.conv_transpose3x3_stride2_phases (four convolutions of 1x1, 1x2, 2x1, 2x2 taps)
-    equals ConvTranspose's input-dilated convolution in value and in both gradients (input and
-    kernel, for a random cotangent), every output_padding; float64: summation-order rounding."""
-    rng = np.random.default_rng(2)
+def test_phase_transposed_convs_equal_the_dilated_form(x64, h, w, op, form):
+    """conv_ops' sub-pixel forms of the stride-2 transposed convolution (one four-phase 2x2
+    convolution; four convolutions of 1x1, 1x2, 2x1, 2x2 taps) equal ConvTranspose's
+    input-dilated convolution (the PyTorch ConvTranspose2d, checked against the adjoint above) in
+    value and in both gradients (input and kernel, for a random cotangent), every output_padding;
+    float64, so the tolerance is summation-order rounding."""
+    rng = np.random.default_rng(1)
     x = jnp.asarray(rng.normal(size=(2, h, w, 3)))
     layer = ConvTranspose(4, stride=2, output_padding=op, dtype=jnp.float64)
     k = jnp.asarray(rng.normal(size=(3, 3, 3, 4)))
     g = jnp.asarray(rng.normal(size=(2, 2 * h - 1 + op[0], 2 * w - 1 + op[1], 4)))
     want = _value_and_vjp(lambda a, b: layer.apply({"params": {"kernel": b}}, a), x, k, g)
-    got = _value_and_vjp(lambda a, b: conv_ops.conv_transpose3x3_stride2_phases(a, b, op), x, k, g)
+    got = _value_and_vjp(lambda a, b: getattr(conv_ops, form)(a, b, op), x, k, g)
     for u, v in zip(got, want):
         assert u.shape == v.shape
         np.testing.assert_allclose(u, v, rtol=1e-12, atol=1e-12)

@@ -33,10 +33,23 @@ from typing import Tuple
 import jax
 import jax.numpy as jnp
 
-__all__ = ["conv3x3_stride2", "conv_transpose3x3_stride2", "conv_transpose3x3_stride2_phases",
+__all__ = ["conv_transpose", "conv3x3_stride2", "conv_transpose3x3_stride2", "conv_transpose3x3_stride2_phases",
            "conv_transpose3x3_col2im"]
 
 _DN = ("NHWC", "HWIO", "NHWC")
+
+
+def conv_transpose(x, kernel, stride: int, padding: int, output_padding: Tuple[int, int] = (0, 0)):
+    """PyTorch ``ConvTranspose2d`` as written: the convolution of the ``stride``-dilated input with
+    the spatially flipped kernel, padded by ``(k − 1 − padding, k − 1 − padding + output_padding)``.
+
+    ``x`` (B, H, W, Cin), ``kernel`` (k, k, Cin, Cout) → (B, (H − 1)·stride − 2·padding + k +
+    op_h, likewise W, Cout). The reference every reformulation below is tested against.
+    """
+    lo = kernel.shape[0] - 1 - padding
+    return jax.lax.conv_general_dilated(x, jnp.flip(kernel, (0, 1)).astype(x.dtype), (1, 1),
+                                        [(lo, lo + op) for op in output_padding],
+                                        lhs_dilation=(stride, stride), dimension_numbers=_DN)
 
 
 def _two_by_two(taps, zero):
@@ -115,13 +128,6 @@ def conv_transpose3x3_stride2_phases(x, kernel, output_padding: Tuple[int, int] 
     return y[:, : 2 * H - 1 + output_padding[0], : 2 * W - 1 + output_padding[1]]
 
 
-def _conv_transpose3x3_direct(x, kernel):
-    """PyTorch ``ConvTranspose2d(k=3, stride=1, padding=1)`` as written: a padding-1 convolution
-    with the spatially flipped kernel."""
-    return jax.lax.conv_general_dilated(x, jnp.flip(kernel, (0, 1)).astype(x.dtype), (1, 1), [(1, 1), (1, 1)],
-                                        dimension_numbers=_DN)
-
-
 def _col2im_forward(x, kernel):
     B, H, W, C = x.shape
     O = kernel.shape[-1]
@@ -162,7 +168,7 @@ def _col2im_fwd(x, kernel):
 
 def _col2im_bwd(res, g):
     x, kernel = res
-    dx = jax.vjp(lambda a: _conv_transpose3x3_direct(a, kernel), x)[1](g)[0]
+    dx = jax.vjp(lambda a: conv_transpose(a, kernel, 1, 1), x)[1](g)[0]
     dw = jnp.einsum("bhwc,bhwko->kco", x, _shifted_taps(g)).reshape(kernel.shape)
     return dx, dw.astype(kernel.dtype)
 

@@ -202,24 +202,16 @@ class ConvTranspose(nn.Module):
         cin = x.shape[-1]
         fan_in = self.features * k * k  # PyTorch's ConvTranspose2d quirk, see docstring
         kernel = self.param("kernel", torch_uniform_init(fan_in), (k, k, cin, self.features))
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
         form = (self.stride, k, self.padding)
         if self.impl == "phases" and form == (1, 3, 1):
-            y = conv_ops.conv_transpose3x3_col2im(x.astype(self.dtype), kernel.astype(self.dtype))
+            y = conv_ops.conv_transpose3x3_col2im(x, kernel)
         elif self.impl == "phases" and form == (2, 3, 1):
-            y = conv_ops.conv_transpose3x3_stride2_phases(x.astype(self.dtype), kernel.astype(self.dtype), self.output_padding)
+            y = conv_ops.conv_transpose3x3_stride2_phases(x, kernel, self.output_padding)
         elif self.impl == "stride1" and form == (2, 3, 1):
-            y = conv_ops.conv_transpose3x3_stride2(x.astype(self.dtype), kernel.astype(self.dtype), self.output_padding)
+            y = conv_ops.conv_transpose3x3_stride2(x, kernel, self.output_padding)
         else:
-            lo = k - 1 - self.padding
-            pads = [(lo, lo + op) for op in self.output_padding]
-            y = jax.lax.conv_general_dilated(
-                x.astype(self.dtype),
-                jnp.flip(kernel, (0, 1)).astype(self.dtype),
-                window_strides=(1, 1),
-                padding=pads,
-                lhs_dilation=(self.stride, self.stride),
-                dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            )
+            y = conv_ops.conv_transpose(x, kernel, self.stride, self.padding, self.output_padding)
         if self.use_bias:
             bias = self.param("bias", torch_uniform_init(fan_in), (self.features,))
             y = y + bias.astype(self.dtype)
