@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddpm_jax.models.group_norm import GroupNorm
 from ddpm_jax.models.unet import (
     MIN_IMAGE_SIZE,
     ConvTranspose,
@@ -31,6 +32,7 @@ __all__ = [
     "ScoreNet",
     "GaussianFourierFeatures",
     "ConvTranspose",
+    "GroupNorm",
     "make_model",
     "count_params",
     "param_labels",

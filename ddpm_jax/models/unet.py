@@ -12,7 +12,8 @@ Layout is NHWC throughout. For an input ``x`` of shape ``(B, H, W, C)`` and chan
     u  = swish(GN(tconv3x3_s2([u, h2])     + Dense_c1(emb)))  (B, H1, W1, c1)
     δ  = tconv3x3_s1([u, h1]) (+ bias)                        (B, H,  W,  out_channels)
 
-``[a, b]`` is concatenation on the channel axis, GN is GroupNorm(num_groups, eps=1e-5), all
+``[a, b]`` is concatenation on the channel axis, GN is GroupNorm(num_groups, eps=1e-5) (flax's
+``nn.GroupNorm`` numbers, computed as in :mod:`ddpm_jax.models.group_norm`), all
 convolutions are 3×3 with padding 1 and no bias except the last. The time bias is added before the
 GroupNorm and broadcast over H and W. On 28×28 the sizes are 28→28→14→7→4→7→14→28→28, on 32×32
 32→32→16→8→4→8→16→32→32. Optionally (``rho_head=True``) the output is the notebook's mean
@@ -43,6 +44,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from ddpm_jax.models import conv_ops
+from ddpm_jax.models.group_norm import GroupNorm
 
 __all__ = [
     "ScoreNet",
@@ -276,8 +278,7 @@ class ScoreNet(nn.Module):
                        dtype=self.dtype, name=name)
 
     def _norm(self, name: str):
-        return nn.GroupNorm(num_groups=self.num_groups, epsilon=1e-5, use_fast_variance=False,
-                            dtype=self.dtype, name=name)
+        return GroupNorm(num_groups=self.num_groups, epsilon=1e-5, dtype=self.dtype, name=name)
 
     @nn.compact
     def __call__(self, x, t):
