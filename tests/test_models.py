@@ -6,6 +6,7 @@ Medium/large presets are only traced (``jax.eval_shape``) to keep the file fast 
 
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -385,6 +386,24 @@ def test_col2im_output_conv_equals_the_direct_form(x64, h, w, cin, cout):
     layer = ConvTranspose(cout, stride=1, dtype=jnp.float64)
     want = _value_and_vjp(lambda a, b: layer.apply({"params": {"kernel": b}}, a), x, k, g)
     got = _value_and_vjp(conv_ops.conv_transpose3x3_col2im, x, k, g)
+    for u, v in zip(got, want):
+        assert u.shape == v.shape
+        np.testing.assert_allclose(u, v, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("h,w,cin,cout", [(28, 28, 1, 8), (7, 5, 3, 4), (8, 8, 2, 2)])
+def test_im2col_input_conv_equals_the_direct_form(x64, h, w, cin, cout):
+    """conv_ops.conv3x3_im2col (one matrix product of the 9 shifted copies of x; its custom
+    backward: the kernel gradient as one matrix product with the same copies) equals nn.Conv's
+    3x3 stride-1 padding-1 convolution in value and in both gradients; float64: summation-order
+    rounding."""
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.normal(size=(2, h, w, cin)))
+    k = jnp.asarray(rng.normal(size=(3, 3, cin, cout)))
+    g = jnp.asarray(rng.normal(size=(2, h, w, cout)))
+    layer = nn.Conv(cout, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, dtype=jnp.float64)
+    want = _value_and_vjp(lambda a, b: layer.apply({"params": {"kernel": b}}, a), x, k, g)
+    got = _value_and_vjp(conv_ops.conv3x3_im2col, x, k, g)
     for u, v in zip(got, want):
         assert u.shape == v.shape
         np.testing.assert_allclose(u, v, rtol=1e-12, atol=1e-12)

@@ -51,6 +51,7 @@ __all__ = [
     "GaussianFourierFeatures",
     "ConvTranspose",
     "StridedConv",
+    "Im2colConv",
     "CONV_IMPLS",
     "torch_uniform_init",
     "check_config",
@@ -73,8 +74,8 @@ _PAD = 1
 #: - 'stride1': space-to-depth strided convolutions, transposed ones as one four-phase 2×2
 #:   convolution (stride-1 convolutions only);
 #: - 'phases': strided convolutions as written, transposed ones as four convolutions of only
-#:   their non-zero taps, the output layer's forward pass as a matrix product + col2im (the
-#:   fastest on CPU, most of all for wide networks).
+#:   their non-zero taps, the output layer's forward pass as a matrix product + col2im and the
+#:   input layer as im2col + a matrix product (the fastest on CPU, most of all for wide networks).
 #: Same parameters, same numbers up to float rounding (tested).
 CONV_IMPLS = ("xla", "stride1", "phases")
 
@@ -220,10 +221,10 @@ class ConvTranspose(nn.Module):
         return y
 
 
-class StridedConv(nn.Module):
-    """3×3 convolution, stride 2, padding 1, no bias, computed as :func:`conv_ops.conv3x3_stride2`
-    (space-to-depth + a stride-1 convolution). Parameters are ``nn.Conv``'s: ``kernel`` of shape
-    ``(3, 3, Cin, features)``, so the two are interchangeable in a checkpoint."""
+class _ReformulatedConv(nn.Module):
+    """A 3×3 convolution without bias whose parameters are ``nn.Conv``'s (``kernel`` of shape
+    ``(3, 3, Cin, features)``, so the two are interchangeable in a checkpoint), computed by the
+    subclass's ``_form(x, kernel)`` from :mod:`conv_ops`."""
 
     features: int
     kernel_init: Any
@@ -232,7 +233,21 @@ class StridedConv(nn.Module):
     @nn.compact
     def __call__(self, x):
         kernel = self.param("kernel", self.kernel_init, (_KERNEL, _KERNEL, x.shape[-1], self.features))
-        return conv_ops.conv3x3_stride2(x.astype(self.dtype), kernel.astype(self.dtype))
+        return type(self)._form(x.astype(self.dtype), kernel.astype(self.dtype))
+
+
+class StridedConv(_ReformulatedConv):
+    """3×3 convolution, stride 2, padding 1, as :func:`conv_ops.conv3x3_stride2` (space-to-depth +
+    a stride-1 convolution)."""
+
+    _form = staticmethod(conv_ops.conv3x3_stride2)
+
+
+class Im2colConv(_ReformulatedConv):
+    """3×3 convolution, stride 1, padding 1, as :func:`conv_ops.conv3x3_im2col` (one matrix product
+    of the 9 shifted copies of the input: for the input layer's few channels)."""
+
+    _form = staticmethod(conv_ops.conv3x3_im2col)
 
 
 class ScoreNet(nn.Module):
@@ -248,8 +263,8 @@ class ScoreNet(nn.Module):
         ``params['rho1']`` (both initialised to 1) instead of the raw network output δ.
       dtype: computation dtype of convolutions and dense layers (params stay float32; the Fourier
         features and GroupNorm statistics are computed in float32; the output is float32).
-      conv_impl: 'xla', 'stride1' or 'phases' (see ``CONV_IMPLS``): how the strided, transposed
-        and output convolutions are computed; the parameters are the same either way.
+      conv_impl: 'xla', 'stride1' or 'phases' (see ``CONV_IMPLS``): how the input, strided,
+        transposed and output convolutions are computed; the parameters are the same either way.
 
     Call: ``x`` ``(B, H, W, C)`` float, ``t`` ``(B,)`` (or a scalar, broadcast) ints or floats used
     as given → ``(B, H, W, out_channels)`` float32. Unusable shapes or widths raise ``ValueError``
@@ -270,12 +285,14 @@ class ScoreNet(nn.Module):
         return nn.Dense(features, kernel_init=init, bias_init=init, dtype=self.dtype, name=name)
 
     def _conv(self, features: int, stride: int, cin: int, name: str):
+        init = torch_uniform_init(cin * _KERNEL * _KERNEL)
         if stride == 2 and self.conv_impl == "stride1":
-            return StridedConv(features, kernel_init=torch_uniform_init(cin * _KERNEL * _KERNEL), dtype=self.dtype, name=name)
+            return StridedConv(features, kernel_init=init, dtype=self.dtype, name=name)
+        if stride == 1 and self.conv_impl == "phases":
+            return Im2colConv(features, kernel_init=init, dtype=self.dtype, name=name)
         return nn.Conv(features, (_KERNEL, _KERNEL), strides=(stride, stride),
                        padding=((_PAD, _PAD), (_PAD, _PAD)), use_bias=False,
-                       kernel_init=torch_uniform_init(cin * _KERNEL * _KERNEL),
-                       dtype=self.dtype, name=name)
+                       kernel_init=init, dtype=self.dtype, name=name)
 
     def _norm(self, name: str):
         return GroupNorm(num_groups=self.num_groups, epsilon=1e-5, dtype=self.dtype, name=name)
