@@ -373,37 +373,30 @@ def test_phase_transposed_convs_equal_the_dilated_form(x64, h, w, op, form):
         np.testing.assert_allclose(u, v, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("h,w,cin,cout", [(28, 28, 16, 1), (7, 5, 4, 3), (8, 8, 2, 2)])
-def test_col2im_output_conv_equals_the_direct_form(x64, h, w, cin, cout):
-    """conv_ops.conv_transpose3x3_col2im (matrix product + shifted sum; its custom backward: the
-    kernel gradient as one matrix product with the shifted cotangent) equals the stride-1
-    ConvTranspose (PyTorch ConvTranspose2d(k=3, padding=1)) in value and in both gradients;
-    float64: summation-order rounding."""
+#: conv_ops' matrix-product forms of the stride-1 3x3 layers -> the direct layer they replace.
+_MATMUL_FORMS = {
+    # col2im (matrix product + shifted sum; custom backward: the kernel gradient as one matrix
+    # product with the shifted cotangent) for the output layer, PyTorch ConvTranspose2d(k=3, padding=1)
+    "conv_transpose3x3_col2im": lambda cout: ConvTranspose(cout, stride=1, dtype=jnp.float64),
+    # im2col (one matrix product of the 9 shifted copies of x; custom backward: the kernel gradient
+    # as one matrix product with the same copies) for the input layer, nn.Conv 3x3 padding 1
+    "conv3x3_im2col": lambda cout: nn.Conv(cout, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, dtype=jnp.float64),
+}
+
+
+@pytest.mark.parametrize("form", list(_MATMUL_FORMS))
+@pytest.mark.parametrize("h,w,cin,cout", [(28, 28, 16, 1), (28, 28, 1, 8), (7, 5, 4, 3), (7, 5, 3, 4), (8, 8, 2, 2)])
+def test_matrix_product_forms_equal_the_direct_layers(x64, h, w, cin, cout, form):
+    """conv_ops' col2im and im2col forms equal the layers they replace (see _MATMUL_FORMS) in value
+    and in both gradients (input and kernel, for a random cotangent); float64: summation-order
+    rounding."""
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.normal(size=(2, h, w, cin)))
     k = jnp.asarray(rng.normal(size=(3, 3, cin, cout)))
     g = jnp.asarray(rng.normal(size=(2, h, w, cout)))
-    layer = ConvTranspose(cout, stride=1, dtype=jnp.float64)
+    layer = _MATMUL_FORMS[form](cout)
     want = _value_and_vjp(lambda a, b: layer.apply({"params": {"kernel": b}}, a), x, k, g)
-    got = _value_and_vjp(conv_ops.conv_transpose3x3_col2im, x, k, g)
-    for u, v in zip(got, want):
-        assert u.shape == v.shape
-        np.testing.assert_allclose(u, v, rtol=1e-12, atol=1e-12)
-
-
-@pytest.mark.parametrize("h,w,cin,cout", [(28, 28, 1, 8), (7, 5, 3, 4), (8, 8, 2, 2)])
-def test_im2col_input_conv_equals_the_direct_form(x64, h, w, cin, cout):
-    """conv_ops.conv3x3_im2col (one matrix product of the 9 shifted copies of x; its custom
-    backward: the kernel gradient as one matrix product with the same copies) equals nn.Conv's
-    3x3 stride-1 padding-1 convolution in value and in both gradients; float64: summation-order
-    rounding."""
-    rng = np.random.default_rng(4)
-    x = jnp.asarray(rng.normal(size=(2, h, w, cin)))
-    k = jnp.asarray(rng.normal(size=(3, 3, cin, cout)))
-    g = jnp.asarray(rng.normal(size=(2, h, w, cout)))
-    layer = nn.Conv(cout, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, dtype=jnp.float64)
-    want = _value_and_vjp(lambda a, b: layer.apply({"params": {"kernel": b}}, a), x, k, g)
-    got = _value_and_vjp(conv_ops.conv3x3_im2col, x, k, g)
+    got = _value_and_vjp(getattr(conv_ops, form), x, k, g)
     for u, v in zip(got, want):
         assert u.shape == v.shape
         np.testing.assert_allclose(u, v, rtol=1e-12, atol=1e-12)

@@ -55,6 +55,19 @@ def conv_transpose(x, kernel, stride: int, padding: int, output_padding: Tuple[i
                                         lhs_dilation=(stride, stride), dimension_numbers=_DN)
 
 
+def _interleave_phases(y, output_padding: Tuple[int, int]):
+    """Depth-to-space of the four sub-pixel phases, then the crop to PyTorch's size.
+
+    ``y`` (B, H, W, 4·Cout), channel = phase·Cout + o with the phases (row, column) in the order
+    (0, 0), (0, 1), (1, 0), (1, 1) → (B, 2H − 1 + op_h, 2W − 1 + op_w, Cout), out[2m + pi, 2n + pj]
+    = phase (pi, pj) at (m, n).
+    """
+    B, H, W, O4 = y.shape
+    O = O4 // 4
+    y = y.reshape(B, H, W, 2, 2, O).transpose(0, 1, 3, 2, 4, 5).reshape(B, 2 * H, 2 * W, O)
+    return y[:, : 2 * H - 1 + output_padding[0], : 2 * W - 1 + output_padding[1]]
+
+
 def _two_by_two(taps, zero):
     """A (2, 2, ...) kernel from {(di, dj): tap}; missing taps are zero."""
     return jnp.stack([jnp.stack([taps.get((di, dj), zero) for dj in range(2)]) for di in range(2)])
@@ -87,8 +100,7 @@ def conv_transpose3x3_stride2(x, kernel, output_padding: Tuple[int, int] = (0, 0
     ``x`` (B, H, W, Cin), ``kernel`` (3, 3, Cin, Cout) with ``kernel[i, j, c, o]`` = PyTorch's
     ``weight[c, o, i, j]`` → (B, 2H − 1 + op_h, 2W − 1 + op_w, Cout).
     """
-    B, H, W, C = x.shape
-    O = kernel.shape[-1]
+    C, O = x.shape[-1], kernel.shape[-1]
     w = kernel
     zero = jnp.zeros_like(w[0, 0])
     phases = [
@@ -99,8 +111,7 @@ def conv_transpose3x3_stride2(x, kernel, output_padding: Tuple[int, int] = (0, 0
     ]
     k2 = jnp.stack(phases, axis=-2).reshape(2, 2, C, 4 * O)  # output channel = phase·O + o
     y = jax.lax.conv_general_dilated(x, k2.astype(x.dtype), (1, 1), [(0, 1), (0, 1)], dimension_numbers=_DN)
-    y = y.reshape(B, H, W, 2, 2, O).transpose(0, 1, 3, 2, 4, 5).reshape(B, 2 * H, 2 * W, O)
-    return y[:, : 2 * H - 1 + output_padding[0], : 2 * W - 1 + output_padding[1]]
+    return _interleave_phases(y, output_padding)
 
 
 def conv_transpose3x3_stride2_phases(x, kernel, output_padding: Tuple[int, int] = (0, 0)):
@@ -119,16 +130,13 @@ def conv_transpose3x3_stride2_phases(x, kernel, output_padding: Tuple[int, int] 
 
     then the four interleaved (depth-to-space) and cropped to the PyTorch size.
     """
-    B, H, W, C = x.shape
-    O = kernel.shape[-1]
     w = kernel.astype(x.dtype)
     conv = lambda k, pad: jax.lax.conv_general_dilated(x, k, (1, 1), pad, dimension_numbers=_DN)  # noqa: E731
     ee = jnp.einsum("bhwc,co->bhwo", x, w[1, 1])
     eo = conv(w[1:2, ::-2], [(0, 0), (0, 1)])  # taps [w[1, 2], w[1, 0]]
     oe = conv(w[::-2, 1:2], [(0, 1), (0, 0)])  # taps [w[2, 1]; w[0, 1]]
     oo = conv(w[::-2, ::-2], [(0, 1), (0, 1)])  # taps [[w[2, 2], w[2, 0]], [w[0, 2], w[0, 0]]]
-    y = jnp.stack([ee, eo, oe, oo], axis=3).reshape(B, H, W, 2, 2, O).transpose(0, 1, 3, 2, 4, 5).reshape(B, 2 * H, 2 * W, O)
-    return y[:, : 2 * H - 1 + output_padding[0], : 2 * W - 1 + output_padding[1]]
+    return _interleave_phases(jnp.concatenate([ee, eo, oe, oo], axis=-1), output_padding)
 
 
 def _col2im_forward(x, kernel):

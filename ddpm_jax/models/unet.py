@@ -233,7 +233,7 @@ class _ReformulatedConv(nn.Module):
     @nn.compact
     def __call__(self, x):
         kernel = self.param("kernel", self.kernel_init, (_KERNEL, _KERNEL, x.shape[-1], self.features))
-        return type(self)._form(x.astype(self.dtype), kernel.astype(self.dtype))
+        return self._form(x.astype(self.dtype), kernel.astype(self.dtype))
 
 
 class StridedConv(_ReformulatedConv):
