@@ -17,7 +17,7 @@ import optax
 import pytest
 
 from ddpm_jax import data, objectives
-from ddpm_jax.checkpointing import Checkpointer
+from ddpm_jax.checkpointing import Checkpointer, async_save_is_safe
 from ddpm_jax.config import ConfigError, validate_config
 from ddpm_jax.models import make_model
 from ddpm_jax.train_state import create_train_state, ema_decay_at, make_lr_schedule, make_optimizer
@@ -173,6 +173,28 @@ def test_jit_mesh_and_pmap_equal_single_device_on_8_devices(tmp_path):
         assert sgd["step"] == adam["step"] == 3
         assert sgd["params"] < 5e-5 and sgd["ema"] < 5e-5 and sgd["loss"] < 1e-5, out
         assert adam["loss"] < 1e-4, out
+
+
+def test_checkpoints_are_synchronous_with_several_cpu_devices(tmp_path):
+    """With several CPU devices a background (async) Orbax save beside the training step's
+    all-reduce deadlocks XLA:CPU (it aborts after 40 s; see checkpointing.async_save_is_safe), so
+    the Checkpointer saves synchronously there and in the background on one device."""
+    assert async_save_is_safe() == (jax.local_device_count() == 1 or jax.default_backend() != "cpu")
+    script = (
+        "import sys; sys.path.insert(0, %r)\n"
+        "import jax\n"
+        "from ddpm_jax.checkpointing import Checkpointer, async_save_is_safe\n"
+        "assert jax.local_device_count() == 2, jax.local_device_count()\n"
+        "ck = Checkpointer(%r, every_steps=1, keep=1)\n"
+        "print('RESULT', async_save_is_safe(), ck.async_save)\n"
+        "ck.close()\n" % (REPO, str(tmp_path / "ck")))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.split("RESULT", 1)[1].split() == ["False", "False"]
+    one = Checkpointer(str(tmp_path / "one"), every_steps=1, keep=1, async_save=True)
+    assert one.async_save
+    one.close()
 
 
 def _restore(workdir, like):
