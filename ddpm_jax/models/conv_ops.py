@@ -27,8 +27,8 @@ Notation for one spatial axis (the other is the same): a 3×3 kernel tap ``k ∈
   shifted sum of z, its kernel gradient as one matrix product too
   (:func:`conv_transpose3x3_col2im`).
 - Convolution, stride 1, padding 1 (the input layer, few input channels): y[q] = Σ_k x[q + k − 1]·w[k],
-  computed from the 9 shifted copies of x by one matrix product (im2col), its kernel gradient by
-  another (:func:`conv3x3_im2col`).
+  computed from the 9 shifted copies of x by broadcast multiply-adds (or one matrix product,
+  im2col, for more channels), its kernel gradient by one matrix product (:func:`conv3x3_im2col`).
 """
 
 from __future__ import annotations
@@ -207,6 +207,12 @@ def _shifted_taps(y):
 _MAX_MULTIPLY_ADD_CHANNELS = 4
 
 
+def _taps_multiply_add(ys, w):
+    """Σ_k Σ_c ys[k][..., c]·w[k, c, :] as 9·C broadcast multiply-adds: ``ys`` the 9 (B, H, W, C)
+    copies of :func:`_shifts`, ``w`` (9, C, O) → (B, H, W, O)."""
+    return sum(ys[k][..., c: c + 1] * w[k, c] for k in range(9) for c in range(w.shape[1]))
+
+
 @jax.custom_vjp
 def conv_transpose3x3_col2im(x, kernel):
     """PyTorch ``ConvTranspose2d(k=3, stride=1, padding=1)`` (the U-Net's output layer) through
@@ -241,7 +247,7 @@ def _col2im_bwd(res, g):
     gs = _shifts(g)
     w = kernel.astype(g.dtype).reshape(9, C, O)
     if O <= _MAX_MULTIPLY_ADD_CHANNELS:
-        dx = sum(gs[k][..., o: o + 1] * w[k, :, o] for k in range(9) for o in range(O))
+        dx = _taps_multiply_add(gs, w.transpose(0, 2, 1))
     else:
         dx = jnp.einsum("kbhwo,kco->bhwc", jnp.stack(gs), w)
     dw = jnp.einsum("bhwc,kbhwo->kco", x, jnp.stack(gs)).reshape(kernel.shape)
@@ -260,18 +266,23 @@ def conv3x3(x, kernel):
 
 @jax.custom_vjp
 def conv3x3_im2col(x, kernel):
-    """:func:`conv3x3` through matrix products (im2col): fast on CPU when Cin is small (the U-Net's
-    input layer reads an image's 1 or 3 channels), where the convolution's own products have only
-    Cin rows — XLA:CPU ran that layer at ~0.6 ms alone but ~4 ms inside the sampler's loop.
+    """:func:`conv3x3` for few input channels (the U-Net's input layer reads an image's 1 or 3),
+    where the convolution's own matrix products have only Cin rows and XLA:CPU does not send it to
+    its fast kernels (~0.6 ms alone but ~4 ms inside the sampler's loop).
 
     ``x`` (B, H, W, Cin), ``kernel`` (3, 3, Cin, Cout) → (B, H, W, Cout). With P[q, k] = x[q + k − 1]
-    the 9 shifted copies of x (zero outside; ``_shifted_taps``)::
+    the 9 shifted copies of x (zero outside; ``_shifts``)::
 
-        forward:         y[q] = Σ_k P[q, k]·w[k]   (one (B·H·W, 9·Cin) × (9·Cin, Cout) product);
-        kernel gradient: ∂L/∂w[k] = Σ_q P[q, k]ᵀ g[q]   (one (9·Cin, B·H·W) × (B·H·W, Cout) product);
+        forward:         y[q] = Σ_k P[q, k]·w[k]   (Cin ≤ 4: 9·Cin broadcast multiply-adds in one
+                         loop; else im2col, one (B·H·W, 9·Cin) × (9·Cin, Cout) product);
+        kernel gradient: ∂L/∂w[k] = Σ_q P[q, k]ᵀ g[q]   (im2col: one (9·Cin, B·H·W) × (B·H·W, Cout)
+                         product, the copies stacked ahead of the pixels);
         input gradient:  the direct convolution's.
     """
-    return jnp.einsum("bhwkc,kco->bhwo", _shifted_taps(x), kernel.reshape(9, *kernel.shape[2:]).astype(x.dtype))
+    w = kernel.reshape(9, *kernel.shape[2:]).astype(x.dtype)
+    if x.shape[-1] <= _MAX_MULTIPLY_ADD_CHANNELS:
+        return _taps_multiply_add(_shifts(x), w)
+    return jnp.einsum("bhwkc,kco->bhwo", _shifted_taps(x), w)
 
 
 def _im2col_fwd(x, kernel):
@@ -281,7 +292,7 @@ def _im2col_fwd(x, kernel):
 def _im2col_bwd(res, g):
     x, kernel = res
     dx = jax.vjp(lambda a: conv3x3(a, kernel), x)[1](g)[0]
-    dw = jnp.einsum("bhwkc,bhwo->kco", _shifted_taps(x), g).reshape(kernel.shape)
+    dw = jnp.einsum("kbhwc,bhwo->kco", jnp.stack(_shifts(x)), g).reshape(kernel.shape)
     return dx, dw.astype(kernel.dtype)
 
 
