@@ -146,7 +146,9 @@ def conv_transpose3x3_stride2_phases(x, kernel, output_padding: Tuple[int, int] 
 def _phases_forward(x, kernel, output_padding):
     w = kernel.astype(x.dtype)
     conv = lambda k, pad: jax.lax.conv_general_dilated(x, k, (1, 1), pad, dimension_numbers=_DN)  # noqa: E731
-    ee = jnp.einsum("bhwc,co->bhwo", x, w[1, 1])
+    # All four as convolutions (the 1×1 one too), so that XLA writes the input (often a skip
+    # concatenation) once for all of them rather than once more in a matrix layout.
+    ee = conv(w[1:2, 1:2], [(0, 0), (0, 0)])  # tap w[1, 1]
     eo = conv(w[1:2, ::-2], [(0, 0), (0, 1)])  # taps [w[1, 2], w[1, 0]]
     oe = conv(w[::-2, 1:2], [(0, 1), (0, 0)])  # taps [w[2, 1]; w[0, 1]]
     oo = conv(w[::-2, ::-2], [(0, 1), (0, 1)])  # taps [[w[2, 2], w[2, 0]], [w[0, 2], w[0, 0]]]
