@@ -24,6 +24,7 @@ __all__ = ["available_cores", "choose", "configure", "XLA_FLAG"]
 
 #: The XLA flag that also sets the CPU device count; when XLA_FLAGS has it, it wins.
 XLA_FLAG = "--xla_force_host_platform_device_count"
+EIGEN_FLAG = "--xla_cpu_multi_thread_eigen"
 
 
 def available_cores() -> int:
@@ -60,6 +61,14 @@ def configure(requested: int = 0, batch_sizes: Iterable[int] = ()) -> Optional[i
     n = choose(requested, batch_sizes)
     if XLA_FLAG in os.environ.get("XLA_FLAGS", ""):
         return None
+    flags = os.environ.get("XLA_FLAGS", "")
+    if n > 1 and EIGEN_FLAG not in flags:
+        # Several device programs share one thread pool; with Eigen's asynchronous parallel
+        # contractions, a pool thread finishing one can run on into that program's all-reduce and
+        # block there. The README run aborted so once after 14,543 steps (XLA:CPU "Termination
+        # timeout for all reduce"). Single-threaded contractions measured no slower (each
+        # device has its own core's worth of work).
+        os.environ["XLA_FLAGS"] = (flags + f" {EIGEN_FLAG}=false").strip()
     import jax
 
     try:

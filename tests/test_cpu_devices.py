@@ -67,6 +67,29 @@ def test_configure_only_before_jax_starts_and_never_over_xla_flags(xla_flags, fi
     assert res.stdout.split("RESULT", 1)[1].strip() == expected
 
 
+EIGEN_SCRIPT = """
+import os, sys
+sys.path.insert(0, {repo!r})
+from ddpm_jax import cpu_devices
+cpu_devices.configure({n}, [12])
+import jax
+print("RESULT", jax.device_count(), os.environ.get("XLA_FLAGS", "").split())
+"""
+
+
+@pytest.mark.parametrize("n, xla_flags, expected", [
+    (2, "", "2 ['--xla_cpu_multi_thread_eigen=false']"),         # several devices: single-threaded Eigen
+    (1, "", "1 []"),                                               # one device: left alone
+    (2, "--xla_cpu_multi_thread_eigen=true", "2 ['--xla_cpu_multi_thread_eigen=true']"),  # the user's choice wins
+])
+def test_several_cpu_devices_turn_off_multithreaded_eigen(n, xla_flags, expected):
+    env = _env(**({"XLA_FLAGS": xla_flags} if xla_flags else {}))
+    res = subprocess.run([sys.executable, "-c", EIGEN_SCRIPT.format(repo=REPO, n=n)], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split("RESULT", 1)[1].strip() == expected
+
+
 def _run(module, args, timeout=600):
     res = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=_env(), capture_output=True, text=True,
                          timeout=timeout)
