@@ -60,11 +60,15 @@ print("RESULT", before, n1, after, jax.device_count())
     ("--xla_force_host_platform_device_count=4", True, "None 4 None 4"),  # XLA_FLAGS wins
 ])
 def test_configure_only_before_jax_starts_and_never_over_xla_flags(xla_flags, first, expected):
+    assert _script_result(CONFIGURE_SCRIPT.format(repo=REPO, first=first), xla_flags) == expected
+
+
+def _script_result(script: str, xla_flags: str) -> str:
+    """What ``script`` prints after "RESULT", run in a fresh Python with only these XLA_FLAGS."""
     env = _env(**({"XLA_FLAGS": xla_flags} if xla_flags else {}))
-    res = subprocess.run([sys.executable, "-c", CONFIGURE_SCRIPT.format(repo=REPO, first=first)], env=env,
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert res.stdout.split("RESULT", 1)[1].strip() == expected
+    return res.stdout.split("RESULT", 1)[1].strip()
 
 
 EIGEN_SCRIPT = """
@@ -83,11 +87,7 @@ print("RESULT", jax.device_count(), os.environ.get("XLA_FLAGS", "").split())
     (2, "--xla_cpu_multi_thread_eigen=true", "2 ['--xla_cpu_multi_thread_eigen=true']"),  # the user's choice wins
 ])
 def test_several_cpu_devices_turn_off_multithreaded_eigen(n, xla_flags, expected):
-    env = _env(**({"XLA_FLAGS": xla_flags} if xla_flags else {}))
-    res = subprocess.run([sys.executable, "-c", EIGEN_SCRIPT.format(repo=REPO, n=n)], env=env,
-                         capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert res.stdout.split("RESULT", 1)[1].strip() == expected
+    assert _script_result(EIGEN_SCRIPT.format(repo=REPO, n=n), xla_flags) == expected
 
 
 def _run(module, args, timeout=600):
