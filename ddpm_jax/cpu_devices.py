@@ -59,9 +59,9 @@ def configure(requested: int = 0, batch_sizes: Iterable[int] = ()) -> Optional[i
     are already running (then a warning is logged). Raises ValueError for a bad ``requested``.
     """
     n = choose(requested, batch_sizes)
-    if XLA_FLAG in os.environ.get("XLA_FLAGS", ""):
-        return None
     flags = os.environ.get("XLA_FLAGS", "")
+    if XLA_FLAG in flags:
+        return None
     if n > 1 and EIGEN_FLAG not in flags:
         # Several device programs share one thread pool; with Eigen's asynchronous parallel
         # contractions, a pool thread finishing one can run on into that program's all-reduce and

@@ -132,7 +132,7 @@ def conv_transpose3x3_stride2_phases(x, kernel, output_padding: Tuple[int, int] 
 
     then the four interleaved (depth-to-space) and cropped to the PyTorch size. Backward
     (``custom_vjp``): each input pixel p scatters x[p]·w[k] to the output pixel 2p − 1 + k, so with
-    G[p, k] = g[2p − 1 + k] the 9 stride-2 slices of g = ∂L/∂y (zero outside; ``_strided_taps``),
+    G[p, k] = g[2p − 1 + k] the 9 stride-2 slices of g = ∂L/∂y (zero outside; ``_taps``),
 
         input gradient:  ∂L/∂x[p] = Σ_k G[p, k]·w[k]ᵀ   (one (B·H·W, 9·Cout) × (9·Cout, Cin) product),
         kernel gradient: ∂L/∂w[k] = Σ_p x[p]ᵀ G[p, k]   (one (Cin, B·H·W) × (B·H·W, 9·Cout) product).
@@ -158,14 +158,6 @@ def _phases_forward(x, kernel, output_padding):
 _phases_transpose = jax.custom_vjp(_phases_forward, nondiff_argnums=(2,))
 
 
-def _strided_taps(g, H: int, W: int):
-    """(B, H, W, 9, C): the 9 stride-2 slices G[p, k] = g[2p − 1 + k] of ``g`` (B, Ho, Wo, C), zero
-    outside, tap k = 3i + j."""
-    _, Ho, Wo, _ = g.shape
-    gp = jnp.pad(g, ((0, 0), (1, 2 * H - Ho), (1, 2 * W - Wo), (0, 0)))
-    return jnp.stack([gp[:, i: i + 2 * H: 2, j: j + 2 * W: 2] for i in range(3) for j in range(3)], axis=3)
-
-
 def _phases_fwd(x, kernel, output_padding):
     return _phases_forward(x, kernel, output_padding), (x, kernel)
 
@@ -173,7 +165,7 @@ def _phases_fwd(x, kernel, output_padding):
 def _phases_bwd(output_padding, res, g):
     x, kernel = res
     _, H, W, C = x.shape
-    G = _strided_taps(g, H, W)
+    G = jnp.stack(_taps(g, stride=2, size=(H, W)), axis=3)  # (B, H, W, 9, Cout)
     taps = kernel.astype(x.dtype).reshape(9, C, kernel.shape[-1])
     dx = jnp.einsum("bhwko,kco->bhwc", G, taps)
     dw = jnp.einsum("bhwc,bhwko->kco", x, G).reshape(kernel.shape)
@@ -192,16 +184,17 @@ def _col2im_forward(x, kernel):
     return sum(zp[:, 2 - i: 2 - i + H, 2 - j: 2 - j + W, 3 * i + j] for i in range(3) for j in range(3))
 
 
-def _shifts(y):
-    """The 9 copies y[q + k − 1] of ``y`` (B, H, W, C) (zero outside), tap k = 3i + j."""
-    _, H, W, _ = y.shape
-    yp = jnp.pad(y, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    return [yp[:, i: i + H, j: j + W] for i in range(3) for j in range(3)]
+def _taps(y, stride: int = 1, size=None):
+    """The 9 slices y[stride·p − 1 + k] of ``y`` (B, Ho, Wo, C) for the output pixels p of
+    ``size`` (H, W) (default: y's own; zero outside), tap k = 3i + j: a list of (B, H, W, C).
 
-
-def _shifted_taps(y):
-    """(B, H, W, 9, C): the 9 copies y[q + k − 1] (zero outside), tap k = 3i + j."""
-    return jnp.stack(_shifts(y), axis=3)
+    Stride 1: the shifted copies of a 3×3 padding-1 convolution; stride 2: the slices of a stride-2
+    transposed convolution's cotangent that each input pixel scattered to."""
+    _, Ho, Wo, _ = y.shape
+    H, W = (Ho, Wo) if size is None else size
+    yp = jnp.pad(y, ((0, 0), (1, stride * (H - 1) + 2 - Ho), (1, stride * (W - 1) + 2 - Wo), (0, 0)))
+    return [yp[:, i: i + stride * (H - 1) + 1: stride, j: j + stride * (W - 1) + 1: stride]
+            for i in range(3) for j in range(3)]
 
 
 #: Up to this many channels, a sum over taps and channels is written as broadcast multiply-adds
@@ -211,7 +204,7 @@ _MAX_MULTIPLY_ADD_CHANNELS = 4
 
 def _taps_multiply_add(ys, w):
     """Σ_k Σ_c ys[k][..., c]·w[k, c, :] as 9·C broadcast multiply-adds: ``ys`` the 9 (B, H, W, C)
-    copies of :func:`_shifts`, ``w`` (9, C, O) → (B, H, W, O)."""
+    copies of :func:`_taps`, ``w`` (9, C, O) → (B, H, W, O)."""
     return sum(ys[k][..., c: c + 1] * w[k, c] for k in range(9) for c in range(w.shape[1]))
 
 
@@ -246,13 +239,14 @@ def _col2im_fwd(x, kernel):
 def _col2im_bwd(res, g):
     x, kernel = res
     C, O = kernel.shape[2:]
-    gs = _shifts(g)
+    gs = _taps(g)
+    G = jnp.stack(gs)  # (9, B, H, W, Cout): taps ahead of the pixels
     w = kernel.astype(g.dtype).reshape(9, C, O)
     if O <= _MAX_MULTIPLY_ADD_CHANNELS:
         dx = _taps_multiply_add(gs, w.transpose(0, 2, 1))
     else:
-        dx = jnp.einsum("kbhwo,kco->bhwc", jnp.stack(gs), w)
-    dw = jnp.einsum("bhwc,kbhwo->kco", x, jnp.stack(gs)).reshape(kernel.shape)
+        dx = jnp.einsum("kbhwo,kco->bhwc", G, w)
+    dw = jnp.einsum("bhwc,kbhwo->kco", x, G).reshape(kernel.shape)
     return dx, dw.astype(kernel.dtype)
 
 
@@ -273,7 +267,7 @@ def conv3x3_im2col(x, kernel):
     its fast kernels (~0.6 ms alone but ~4 ms inside the sampler's loop).
 
     ``x`` (B, H, W, Cin), ``kernel`` (3, 3, Cin, Cout) → (B, H, W, Cout). With P[q, k] = x[q + k − 1]
-    the 9 shifted copies of x (zero outside; ``_shifts``)::
+    the 9 shifted copies of x (zero outside; ``_taps``)::
 
         forward:         y[q] = Σ_k P[q, k]·w[k]   (Cin ≤ 4: 9·Cin broadcast multiply-adds in one
                          loop; else im2col, one (B·H·W, 9·Cin) × (9·Cin, Cout) product);
@@ -283,8 +277,8 @@ def conv3x3_im2col(x, kernel):
     """
     w = kernel.reshape(9, *kernel.shape[2:]).astype(x.dtype)
     if x.shape[-1] <= _MAX_MULTIPLY_ADD_CHANNELS:
-        return _taps_multiply_add(_shifts(x), w)
-    return jnp.einsum("bhwkc,kco->bhwo", _shifted_taps(x), w)
+        return _taps_multiply_add(_taps(x), w)
+    return jnp.einsum("bhwkc,kco->bhwo", jnp.stack(_taps(x), axis=3), w)
 
 
 def _im2col_fwd(x, kernel):
@@ -294,7 +288,7 @@ def _im2col_fwd(x, kernel):
 def _im2col_bwd(res, g):
     x, kernel = res
     dx = jax.vjp(lambda a: conv3x3(a, kernel), x)[1](g)[0]
-    dw = jnp.einsum("kbhwc,bhwo->kco", jnp.stack(_shifts(x)), g).reshape(kernel.shape)
+    dw = jnp.einsum("kbhwc,bhwo->kco", jnp.stack(_taps(x)), g).reshape(kernel.shape)
     return dx, dw.astype(kernel.dtype)
 
 
