@@ -24,7 +24,10 @@ __all__ = ["available_cores", "choose", "configure", "XLA_FLAG"]
 
 #: The XLA flag that also sets the CPU device count; when XLA_FLAGS has it, it wins.
 XLA_FLAG = "--xla_force_host_platform_device_count"
-EIGEN_FLAG = "--xla_cpu_multi_thread_eigen"
+#: How long XLA:CPU lets a device wait in a collective for the others before it aborts the process.
+COLLECTIVE_TIMEOUT_FLAG = "--xla_cpu_collective_call_terminate_timeout_seconds"
+#: Set with several devices (XLA's default is 40 s): see :func:`configure`.
+COLLECTIVE_TIMEOUT_S = 600
 
 
 def available_cores() -> int:
@@ -62,13 +65,13 @@ def configure(requested: int = 0, batch_sizes: Iterable[int] = ()) -> Optional[i
     flags = os.environ.get("XLA_FLAGS", "")
     if XLA_FLAG in flags:
         return None
-    if n > 1 and EIGEN_FLAG not in flags:
-        # Several device programs share one thread pool; with Eigen's asynchronous parallel
-        # contractions, a pool thread finishing one can run on into that program's all-reduce and
-        # block there. The README run aborted so once after 14,543 steps (XLA:CPU "Termination
-        # timeout for all reduce"). Single-threaded contractions measured no slower (each
-        # device has its own core's worth of work).
-        os.environ["XLA_FLAGS"] = (flags + f" {EIGEN_FLAG}=false").strip()
+    if n > 1 and COLLECTIVE_TIMEOUT_FLAG not in flags:
+        # The devices' programs meet in each step's gradient all-reduce. XLA:CPU aborts the whole
+        # process when one device has waited there for another 20 s (its "stuck" warning) + 40 s:
+        # twice the README's training run died so, after 14,543 and 21,537 steps, the rest of the
+        # process alive. A thread stalled that long (a page fault on a slow disk, a descheduled
+        # vCPU) is then fatal to the run; a real deadlock still aborts, 10 minutes later.
+        os.environ["XLA_FLAGS"] = (flags + f" {COLLECTIVE_TIMEOUT_FLAG}={COLLECTIVE_TIMEOUT_S}").strip()
     import jax
 
     try:

@@ -71,7 +71,7 @@ def _script_result(script: str, xla_flags: str) -> str:
     return res.stdout.split("RESULT", 1)[1].strip()
 
 
-EIGEN_SCRIPT = """
+FLAGS_SCRIPT = """
 import os, sys
 sys.path.insert(0, {repo!r})
 from ddpm_jax import cpu_devices
@@ -79,15 +79,49 @@ cpu_devices.configure({n}, [12])
 import jax
 print("RESULT", jax.device_count(), os.environ.get("XLA_FLAGS", "").split())
 """
+TIMEOUT = f"{cpu_devices.COLLECTIVE_TIMEOUT_FLAG}={cpu_devices.COLLECTIVE_TIMEOUT_S}"
 
 
 @pytest.mark.parametrize("n, xla_flags, expected", [
-    (2, "", "2 ['--xla_cpu_multi_thread_eigen=false']"),         # several devices: single-threaded Eigen
-    (1, "", "1 []"),                                               # one device: left alone
-    (2, "--xla_cpu_multi_thread_eigen=true", "2 ['--xla_cpu_multi_thread_eigen=true']"),  # the user's choice wins
+    (2, "", f"2 ['{TIMEOUT}']"),                    # several devices: XLA's collective timeout raised
+    (1, "", "1 []"),                                # one device: left alone
+    (2, f"{cpu_devices.COLLECTIVE_TIMEOUT_FLAG}=7",  # the user's choice wins
+     f"2 ['{cpu_devices.COLLECTIVE_TIMEOUT_FLAG}=7']"),
 ])
-def test_several_cpu_devices_turn_off_multithreaded_eigen(n, xla_flags, expected):
-    assert _script_result(EIGEN_SCRIPT.format(repo=REPO, n=n), xla_flags) == expected
+def test_several_cpu_devices_raise_the_collective_timeout(n, xla_flags, expected):
+    assert _script_result(FLAGS_SCRIPT.format(repo=REPO, n=n), xla_flags) == expected
+
+
+LATE_DEVICE_SCRIPT = """
+import sys
+sys.path.insert(0, {repo!r})
+from ddpm_jax import cpu_devices
+cpu_devices.COLLECTIVE_TIMEOUT_S = 1
+cpu_devices.configure(2, [2])
+import jax, jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
+
+def f(x):  # device 0 computes for seconds before the all-reduce, device 1 arrives at once
+    slow = lambda y: jax.lax.fori_loop(0, 1500, lambda k, z: jnp.sin(z) * 1.0001 + 0.1, y)
+    return jax.lax.psum(jax.lax.cond(jax.lax.axis_index("d") == 0, slow, lambda y: y, x), "d")
+
+g = jax.jit(jax.shard_map(f, mesh=Mesh(jax.devices(), ("d",)), in_specs=P("d"), out_specs=P()))
+g(jnp.ones((2, 1000000))).block_until_ready()
+print("RESULT finished")
+"""
+
+
+def test_the_collective_timeout_set_by_configure_reaches_xla():
+    """configure() sets the flag before JAX starts, so XLA:CPU applies it. XLA waits the "stuck"
+    warning's time (20 s by default; 1 s here, through XLA_FLAGS, which configure keeps), then the
+    termination timeout (made 1 s here) before it aborts: a device reaching the all-reduce ~5 s
+    after the other then aborts the process with XLA's message naming 1 second. (With the value
+    configure sets, 600 s, such a wait is harmless; XLA's own default is 40 s.)"""
+    env = _env(XLA_FLAGS="--xla_cpu_collective_call_warn_stuck_timeout_seconds=1")
+    res = subprocess.run([sys.executable, "-c", LATE_DEVICE_SCRIPT.format(repo=REPO)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0 and "RESULT" not in res.stdout
+    assert "Termination timeout for `all reduce" in res.stderr and "of 1 seconds exceeded" in res.stderr
 
 
 def _run(module, args, timeout=600):
