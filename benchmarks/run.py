@@ -150,10 +150,13 @@ def main(argv=None) -> int:
                          "(default: all, timed in interleaved blocks; sampling with the last)")
     ap.add_argument("--json", action="store_true", help="one JSON object per line")
     ap.add_argument("--skip_sampling", action="store_true", help="training only")
+    ap.add_argument("--skip_training", action="store_true", help="sampling only (with the last --conv_impl)")
     ap.add_argument("--blocks", type=int, default=5, help="timed blocks per measurement (median reported)")
     ap.add_argument("--cpu_devices", type=int, default=0,
                     help="CPU only: devices to split each batch over, as experiments.train (default 0: one per core)")
     args = ap.parse_args(argv)
+    if args.skip_sampling and args.skip_training:
+        ap.error("--skip_sampling and --skip_training leave nothing to measure")
     try:
         cpu_devices.configure(args.cpu_devices, [TRAIN_BATCH, SAMPLE_BATCH])
     except ValueError as e:
@@ -164,11 +167,14 @@ def main(argv=None) -> int:
     for preset in presets:
         impls = args.conv_impl or list(CONV_IMPLS)
         # fewer steps per block for medium (13x the FLOPs) keeps each block ~ a few seconds
-        train = bench_train(preset, impls, blocks=args.blocks, steps=20 if preset == "small" else 4)
+        train = {} if args.skip_training else bench_train(preset, impls, blocks=args.blocks,
+                                                           steps=20 if preset == "small" else 4)
         for impl in impls:
-            results = train[impl]
+            results = list(train.get(impl, []))
             if not args.skip_sampling and impl == impls[-1]:  # sampling with one formulation
                 results += bench_sample(preset, conv_impl=impl, blocks=max(1, args.blocks // 2))
+            if not results:
+                continue
             results.append(("peak_rss_mib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "MiB"))
             for name, value, unit in results:
                 rows.append({"name": name, "preset": preset, "conv_impl": impl, "value": round(float(value), 4),
