@@ -198,14 +198,14 @@ def train_and_evaluate(config, workdir: str, *, arrays: Optional[Dict[str, np.nd
     # Sampler for the grids: one compiled lax.scan, EMA params, fixed noise across epochs.
     n_grid = config.train.num_grid_samples
     param_kind = objectives.PREDICTS[config.objective.name]
-    # Split over this process's devices where they divide the grid (else each device would draw
-    # the whole grid: the output is replicated), gathered at the end.
+    # Split over this process's devices where they divide the grid, as runs.Run.make_sampler does
+    # (a replicated output would have every device draw the whole grid); with several processes
+    # replicated, so that every process gets the whole grid.
     grid_split = data.batch_sharding(n_grid)
 
-    @functools.partial(jax.jit, out_shardings=par.replicated)  # every process gets the whole grid
+    @functools.partial(jax.jit, out_shardings=par.replicated if grid_split is None else grid_split)
     def sample_grid(ema_params, sched, key):
-        net = make_model_fn(model.apply, ema_params, time_input=config.model.time_input, num_steps=sched.num_steps)
-        fn = net if grid_split is None else lambda x, t: net(jax.lax.with_sharding_constraint(x, grid_split), t)
+        fn = make_model_fn(model.apply, ema_params, time_input=config.model.time_input, num_steps=sched.num_steps)
         return sampling.sample(fn, sched, (n_grid,) + image_shape, key, method=config.sampling.method,
                                ddpm_variance=config.sampling.ddpm_variance, parameterisation=param_kind,
                                clip_x0=data.data_range(d.scale) if config.sampling.clip_x0 else None)
@@ -213,7 +213,7 @@ def train_and_evaluate(config, workdir: str, *, arrays: Optional[Dict[str, np.nd
     samples_dir = os.path.join(workdir, "samples")
 
     def write_grid(st, name, title):
-        x = np.asarray(jax.block_until_ready(sample_grid(st.ema_params, schedule, sample_key)))  # every device done
+        x = np.asarray(sample_grid(st.ema_params, schedule, sample_key))  # gathers every device's part
         if is_main:
             path = plots.save_image_grid(data.unscale_images(x, d.scale), os.path.join(samples_dir, name), title=title)
             return path
