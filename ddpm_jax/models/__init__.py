@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax.models.group_norm import GroupNorm
+from ddpm_jax.models.group_norm import GroupNorm, GroupNormSwish
 from ddpm_jax.models.unet import (
     MIN_IMAGE_SIZE,
     ConvTranspose,
@@ -33,6 +33,7 @@ __all__ = [
     "GaussianFourierFeatures",
     "ConvTranspose",
     "GroupNorm",
+    "GroupNormSwish",
     "make_model",
     "count_params",
     "param_labels",

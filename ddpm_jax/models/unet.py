@@ -13,7 +13,8 @@ Layout is NHWC throughout. For an input ``x`` of shape ``(B, H, W, C)`` and chan
     δ  = tconv3x3_s1([u, h1]) (+ bias)                        (B, H,  W,  out_channels)
 
 ``[a, b]`` is concatenation on the channel axis, GN is GroupNorm(num_groups, eps=1e-5) (flax's
-``nn.GroupNorm`` numbers, computed as in :mod:`ddpm_jax.models.group_norm`), all
+``nn.GroupNorm`` numbers; each swish(GN(· + Dense(emb))) is computed as one block,
+:func:`ddpm_jax.models.group_norm.group_norm_swish`, with GroupNorm's parameters), all
 convolutions are 3×3 with padding 1 and no bias except the last. The time bias is added before the
 GroupNorm and broadcast over H and W. On 28×28 the sizes are 28→28→14→7→4→7→14→28→28, on 32×32
 32→32→16→8→4→8→16→32→32. Optionally (``rho_head=True``) the output is the notebook's mean
@@ -44,7 +45,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from ddpm_jax.models import conv_ops
-from ddpm_jax.models.group_norm import GroupNorm
+from ddpm_jax.models.group_norm import GroupNormSwish
 
 __all__ = [
     "ScoreNet",
@@ -294,8 +295,9 @@ class ScoreNet(nn.Module):
                        padding=((_PAD, _PAD), (_PAD, _PAD)), use_bias=False,
                        kernel_init=init, dtype=self.dtype, name=name)
 
-    def _norm(self, name: str):
-        return GroupNorm(num_groups=self.num_groups, epsilon=1e-5, dtype=self.dtype, name=name)
+    def _norm_act(self, name: str):
+        """(h, tb) → swish(GN(h + tb)), tb (B, C): one block (same parameters as ``GroupNorm``)."""
+        return GroupNormSwish(num_groups=self.num_groups, epsilon=1e-5, dtype=self.dtype, name=name)
 
     @nn.compact
     def __call__(self, x, t):
@@ -326,15 +328,15 @@ class ScoreNet(nn.Module):
         feats = GaussianFourierFeatures(E, self.fourier_scale, name="time_features")(t)
         emb = act(self._dense(E, E, "time_embed")(feats))
 
-        def tbias(features, name):  # (B, E) -> (B, 1, 1, features)
-            return self._dense(features, E, name)(emb)[:, None, None, :]
+        def tbias(features, name):  # (B, E) -> (B, features)
+            return self._dense(features, E, name)(emb)
 
         h = x.astype(self.dtype)
         # Encoder.
-        h1 = act(self._norm("norm1")(self._conv(c1, 1, C, "conv1")(h) + tbias(c1, "dense1")))
-        h2 = act(self._norm("norm2")(self._conv(c2, 2, c1, "conv2")(h1) + tbias(c2, "dense2")))
-        h3 = act(self._norm("norm3")(self._conv(c3, 2, c2, "conv3")(h2) + tbias(c3, "dense3")))
-        h4 = act(self._norm("norm4")(self._conv(c4, 2, c3, "conv4")(h3) + tbias(c4, "dense4")))
+        h1 = self._norm_act("norm1")(self._conv(c1, 1, C, "conv1")(h), tbias(c1, "dense1"))
+        h2 = self._norm_act("norm2")(self._conv(c2, 2, c1, "conv2")(h1), tbias(c2, "dense2"))
+        h3 = self._norm_act("norm3")(self._conv(c3, 2, c2, "conv3")(h2), tbias(c3, "dense3"))
+        h4 = self._norm_act("norm4")(self._conv(c4, 2, c3, "conv4")(h3), tbias(c4, "dense4"))
 
         def up(features, h, skip_shape, name):
             op = tuple(_output_padding(a, b) for a, b in zip(h.shape[1:3], skip_shape[1:3]))
@@ -342,11 +344,11 @@ class ScoreNet(nn.Module):
                                  impl=self.conv_impl, name=name)(h)
 
         # Decoder.
-        u = act(self._norm("tnorm4")(up(c3, h4, h3.shape, "tconv4") + tbias(c3, "dense5")))
+        u = self._norm_act("tnorm4")(up(c3, h4, h3.shape, "tconv4"), tbias(c3, "dense5"))
         u = jnp.concatenate([u, h3], axis=-1)
-        u = act(self._norm("tnorm3")(up(c2, u, h2.shape, "tconv3") + tbias(c2, "dense6")))
+        u = self._norm_act("tnorm3")(up(c2, u, h2.shape, "tconv3"), tbias(c2, "dense6"))
         u = jnp.concatenate([u, h2], axis=-1)
-        u = act(self._norm("tnorm2")(up(c1, u, h1.shape, "tconv2") + tbias(c1, "dense7")))
+        u = self._norm_act("tnorm2")(up(c1, u, h1.shape, "tconv2"), tbias(c1, "dense7"))
         u = jnp.concatenate([u, h1], axis=-1)
         delta = ConvTranspose(out_ch, stride=1, use_bias=True, dtype=self.dtype, impl=self.conv_impl,
                               name="tconv1")(u).astype(jnp.float32)
