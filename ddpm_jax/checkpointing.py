@@ -94,6 +94,7 @@ class Checkpointer:
         if step is None:
             raise CheckpointError(f"no checkpoint in {self.directory}")
         abstract = jax.tree_util.tree_map(_with_sharding, target)
+        self._check_saved_shapes(abstract, step)
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
         try:
             restored = self._manager.restore(step, args=args)
@@ -105,6 +106,24 @@ class Checkpointer:
             ) from e
         _check_shapes(restored.state, abstract, step, self.directory)
         return restored.state, dict(restored.meta or {})
+
+    def _check_saved_shapes(self, abstract, step: int) -> None:
+        """Raises :class:`CheckpointError` before any array is read when the checkpoint's array
+        shapes (from Orbax's metadata; compared as a sorted list, so tree naming does not matter)
+        cannot be this model's. A restore that fails part-way leaves Orbax's pending reads behind
+        (collected later with "Event loop is closed" warnings); this check keeps the common case, a
+        checkpoint of another model, from starting one. No readable metadata: left to ``restore``."""
+        try:
+            tree = self._manager.item_metadata(step)["state"].tree
+            saved = [tuple(leaf.shape) for leaf in jax.tree_util.tree_leaves(tree, is_leaf=lambda a: hasattr(a, "shape"))]
+        except Exception:  # older layout or unreadable metadata: restore reports it
+            return
+        want = [tuple(leaf.shape) for leaf in jax.tree_util.tree_leaves(abstract)]
+        if sorted(saved) != sorted(want):
+            extra = sorted(set(saved) - set(want)) or sorted(saved)
+            raise CheckpointError(
+                f"checkpoint step {step} in {self.directory} holds {len(saved)} arrays of other shapes than this "
+                f"model's {len(want)} (e.g. {extra[0]}): it was written by a different model; use a new --workdir")
 
     def read_meta(self, step: Optional[int] = None) -> Dict[str, Any]:
         """The metadata JSON saved with ``step`` (default: the latest), without the arrays."""

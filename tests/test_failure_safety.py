@@ -348,3 +348,26 @@ def test_hostile_input_is_one_line_before_training_and_touches_nothing(tmp_path,
         assert work.read_text() == before
     if prepare is None or prepare in ("three_devices", "tiny_images", "truncated_idx"):  # a fresh workdir
         assert not (work / "checkpoints").exists() and not (work / "metrics.jsonl").exists()
+
+
+def test_a_checkpoint_of_other_shapes_is_refused_before_any_array_is_read(tmp_path, monkeypatch):
+    """Checkpointer.restore compares the saved array shapes (Orbax's metadata) with the target's
+    first: another model's checkpoint raises CheckpointError without Orbax's restore starting (a
+    restore that fails part-way leaves pending reads behind), and a matching one restores as before."""
+    from ddpm_jax.checkpointing import Checkpointer
+
+    ckpt = Checkpointer(str(tmp_path / "ckpt"), every_steps=1, keep=2, async_save=False)
+    state = {"w": np.arange(12.0, dtype=np.float32).reshape(3, 4), "b": np.zeros(5, np.float32)}
+    ckpt.save(1, state, {"note": "x"}, force=True)
+    ckpt.wait()
+    manager_restore = ckpt._manager.restore
+    calls = []
+    monkeypatch.setattr(ckpt._manager, "restore", lambda *a, **k: calls.append(a) or manager_restore(*a, **k))
+    other = {"w": np.zeros((4, 4), np.float32), "b": np.zeros(5, np.float32)}
+    with pytest.raises(CheckpointError, match=r"different model.*new --workdir"):
+        ckpt.restore(other, 1)
+    assert calls == []  # refused from the metadata alone
+    restored, meta = ckpt.restore(jax.tree_util.tree_map(np.zeros_like, state), 1)
+    assert len(calls) == 1 and meta == {"note": "x"}
+    np.testing.assert_array_equal(restored["w"], state["w"])
+    ckpt.close()
