@@ -138,6 +138,8 @@ def test_bad_inputs_raise():
         group_norm_swish(jnp.ones((1, 2, 2, 8)), jnp.ones((1, 8)), jnp.ones(8), jnp.zeros(8), 3)
     with pytest.raises(ValueError, match=r"channel bias must have shape \(1, 8\)"):
         group_norm_swish(jnp.ones((1, 2, 2, 8)), jnp.ones((8,)), jnp.ones(8), jnp.zeros(8), 2)
+    with pytest.raises(ValueError, match=r"h must be \(B, H, W, C\)"):
+        group_norm_swish(jnp.ones((2, 8)), jnp.ones((2, 8)), jnp.ones(8), jnp.zeros(8), 2)
     with pytest.raises(ValueError, match=r"must be \(B, H, W, C\)"):
         GroupNormSwish(2).init(jax.random.PRNGKey(0), jnp.ones((2, 8)), jnp.ones((2, 8)))
     with pytest.raises(ValueError, match="not divisible by num_groups=3"):
