@@ -164,7 +164,12 @@ def test_jit_mesh_and_pmap_equal_single_device_on_8_devices(tmp_path):
     float error because those entries carry no signal."""
     script = tmp_path / "parallel.py"
     script.write_text(PARALLEL_SCRIPT.format(tests=os.path.join(REPO, "tests"), repo=REPO))
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    # NPROC=16: XLA:CPU runs each device's program on a thread pool of max(NPROC or the core
+    # count, devices) threads, here exactly 8 for 8 devices, all of which the programs block in
+    # the gradient all-reduce; twice in a full `pytest -n 2` run one device's part was left
+    # without a thread and XLA aborted ("only 7 of them arrived"). Spare threads keep this test
+    # about the numbers (a larger pool costs speed, so the product keeps XLA's default).
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu", NPROC="16")
     res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout.split("RESULT", 1)[1])
