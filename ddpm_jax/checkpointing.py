@@ -13,6 +13,7 @@ it as (epoch, step-in-epoch) for humans.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 from typing import Any, Dict, Optional, Tuple
@@ -119,11 +120,12 @@ class Checkpointer:
         except Exception:  # older layout or unreadable metadata: restore reports it
             return
         want = [tuple(leaf.shape) for leaf in jax.tree_util.tree_leaves(abstract)]
-        if sorted(saved) != sorted(want):
-            extra = sorted(set(saved) - set(want)) or sorted(saved)
+        unmatched = sorted((collections.Counter(saved) - collections.Counter(want)).elements())
+        if unmatched or len(saved) != len(want):
+            example = f" (e.g. one of shape {unmatched[0]})" if unmatched else ""
             raise CheckpointError(
-                f"checkpoint step {step} in {self.directory} holds {len(saved)} arrays of other shapes than this "
-                f"model's {len(want)} (e.g. {extra[0]}): it was written by a different model; use a new --workdir")
+                f"checkpoint step {step} in {self.directory} holds {len(saved)} arrays that do not match this "
+                f"model's {len(want)}{example}: {_OTHER_MODEL}")
 
     def read_meta(self, step: Optional[int] = None) -> Dict[str, Any]:
         """The metadata JSON saved with ``step`` (default: the latest), without the arrays."""
@@ -144,6 +146,10 @@ class Checkpointer:
         self._manager.close()
 
 
+#: The end of the error for a checkpoint whose arrays cannot be this model's.
+_OTHER_MODEL = "it was written by a different model; use a new --workdir"
+
+
 def _with_sharding(x) -> jax.ShapeDtypeStruct:
     """The leaf's shape, dtype and sharding; a leaf without a sharding (``jax.eval_shape`` output,
     NumPy) restores onto this process's first device, so a checkpoint written by a run on many
@@ -161,5 +167,5 @@ def _check_shapes(restored, abstract, step, directory):
         if tuple(g.shape) != tuple(w.shape):
             raise CheckpointError(
                 f"checkpoint step {step} in {directory} holds an array of shape {tuple(g.shape)} where this "
-                f"model has {tuple(w.shape)}: it was written by a different model; use a new --workdir"
+                f"model has {tuple(w.shape)}: {_OTHER_MODEL}"
             )
