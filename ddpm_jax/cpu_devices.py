@@ -69,8 +69,10 @@ def configure(requested: int = 0, batch_sizes: Iterable[int] = ()) -> Optional[i
         # The devices' programs meet in each step's gradient all-reduce. XLA:CPU aborts the whole
         # process when one device has waited there for another 20 s (its "stuck" warning) + 40 s:
         # twice the README's training run died so, after 14,543 and 21,537 steps, the rest of the
-        # process alive. A thread stalled that long (a page fault on a slow disk, a descheduled
-        # vCPU) is then fatal to the run; a real deadlock still aborts, 10 minutes later.
+        # process alive. The raised timeout spares a run whose device is only stalled (a page
+        # fault, a descheduled vCPU). The likelier cause is a deadlock in XLA:CPU's device thread
+        # pool (docs/performance.md), which still aborts, 10 minutes later; a larger pool (NPROC)
+        # would avoid it but costs ~20 % through intra-op threads, so it is not set here.
         os.environ["XLA_FLAGS"] = (flags + f" {COLLECTIVE_TIMEOUT_FLAG}={COLLECTIVE_TIMEOUT_S}").strip()
     import jax
 
