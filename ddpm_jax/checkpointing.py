@@ -74,7 +74,11 @@ class Checkpointer:
         self.async_save = async_save_is_safe() if async_save is None else bool(async_save)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every_steps, create=True,
                                                enable_async_checkpointing=self.async_save)
-        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+        # The handlers named up front (not only learnt from the first save or restore), so that the
+        # saved arrays' metadata can be read before a restore (see _check_saved_shapes).
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options,
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
 
     def latest_step(self) -> Optional[int]:
         return self._manager.latest_step()

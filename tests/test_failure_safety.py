@@ -356,10 +356,12 @@ def test_a_checkpoint_of_other_shapes_is_refused_before_any_array_is_read(tmp_pa
     restore that fails part-way leaves pending reads behind), and a matching one restores as before."""
     from ddpm_jax.checkpointing import Checkpointer
 
-    ckpt = Checkpointer(str(tmp_path / "ckpt"), every_steps=1, keep=2, async_save=False)
+    writer = Checkpointer(str(tmp_path / "ckpt"), every_steps=1, keep=2, async_save=False)
     state = {"w": np.arange(12.0, dtype=np.float32).reshape(3, 4), "b": np.zeros(5, np.float32)}
-    ckpt.save(1, state, {"note": "x"}, force=True)
-    ckpt.wait()
+    writer.save(1, state, {"note": "x"}, force=True)
+    writer.close()
+    # a new Checkpointer, as a resumed run has: it has neither saved nor restored anything yet
+    ckpt = Checkpointer(str(tmp_path / "ckpt"), every_steps=1, keep=2, async_save=False)
     manager_restore = ckpt._manager.restore
     calls = []
     monkeypatch.setattr(ckpt._manager, "restore", lambda *a, **k: calls.append(a) or manager_restore(*a, **k))
