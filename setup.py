@@ -13,7 +13,7 @@ setup(
     packages=find_packages(include=["ddpm_jax", "ddpm_jax.*"]),
     package_data={"ddpm_jax.metrics": ["weights/*.msgpack"]},
     install_requires=[
-        "jax>=0.4.35",
+        "jax>=0.6.1",  # jax.shard_map
         "flax>=0.10",
         "optax>=0.2.5",
         "orbax-checkpoint>=0.9",

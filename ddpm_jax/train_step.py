@@ -1,8 +1,9 @@
 """The pure training and evaluation steps, and their data-parallel forms.
 
 ``train_step(state, schedule, batch)`` is one pure function; :class:`Parallel` runs it either
-under ``jax.jit`` with the batch sharded over a 1-D device mesh (the default: XLA inserts the
-gradient all-reduce) or under ``jax.pmap`` with an explicit ``lax.pmean`` of the gradients.
+under ``jax.jit`` with the batch sharded over a 1-D device mesh (the default: ``jax.shard_map``,
+each device on its slice) or under ``jax.pmap``. Either way the gradients and the loss are
+averaged over the devices by one ``lax.pmean`` of a single flat vector (:func:`pmean_flat`).
 
 Randomness is drawn per example from ``fold_in(fold_in(state.rng, state.step), example_id)``,
 where ``example_id`` is the example's position in the *global* batch. The noise an example sees
@@ -20,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.flatten_util import ravel_pytree
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ddpm_jax import data, rng
@@ -27,7 +29,7 @@ from ddpm_jax.models import make_model_fn
 from ddpm_jax.schedules import Schedule
 from ddpm_jax.train_state import TrainState, ema_decay_at, ema_update
 
-__all__ = ["StepConfig", "train_step", "eval_step", "Parallel"]
+__all__ = ["StepConfig", "train_step", "pmean_flat", "eval_step", "Parallel"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,9 +56,28 @@ def _loss_and_grads(cfg: StepConfig, params, schedule: Schedule, batch, keys):
     return value, aux, grads
 
 
+def pmean_flat(tree, axis_name: str):
+    """``lax.pmean`` of a pytree of arrays as one flat vector: a single all-reduce of
+    sum(leaf sizes) values instead of one per leaf.
+
+    Same values as ``lax.pmean(tree, axis_name)`` (each entry is the same sum over devices). XLA
+    combines per-leaf all-reduces into one of a tuple of buffers, which is not the same on every
+    backend: on two CPU devices the tuple of the small U-Net's ~40 gradient buffers made the
+    training step ~12 % slower than one flat vector (docs/performance.md), and over the gloo
+    collectives of several CPU processes each buffer costs a round trip of ~1 ms. Leaves of
+    different dtypes are promoted to a common one for the all-reduce and cast back
+    (``ravel_pytree``).
+    """
+    flat, unravel = ravel_pytree(tree)
+    n = jax.lax.psum(1, axis_name)
+    # divided after the split: XLA fuses each leaf's slice of the sum into that leaf's consumers,
+    # and a division of the whole vector would be fused into (and costed in) every one of them
+    return jax.tree_util.tree_map(lambda x: x / n, unravel(jax.lax.psum(flat, axis_name)))
+
+
 def train_step(cfg: StepConfig, state: TrainState, schedule: Schedule, batch, *, axis_name: Optional[str] = None) -> Tuple[TrainState, Dict[str, jnp.ndarray]]:
-    """One optimiser update on a batch ``(B, H, W, C)`` (the global batch, or under ``pmap``
-    this device's slice, with ``axis_name`` naming the device axis).
+    """One optimiser update on a batch ``(B, H, W, C)`` (the global batch, or under ``shard_map``
+    or ``pmap`` this device's slice, with ``axis_name`` naming the device axis).
 
     A step whose loss or gradient is not finite (NaN/Inf) applies no update: params, optimiser
     state and EMA stay as they were and only ``step`` advances (so the next step sees the next
@@ -70,8 +91,7 @@ def train_step(cfg: StepConfig, state: TrainState, schedule: Schedule, batch, *,
     keys = rng.per_example_keys(jax.random.fold_in(state.rng, state.step), offset + jnp.arange(b))
     loss, _, grads = _loss_and_grads(cfg, state.params, schedule, batch, keys)
     if axis_name:
-        grads = jax.lax.pmean(grads, axis_name)
-        loss = jax.lax.pmean(loss, axis_name)
+        grads, loss = pmean_flat((grads, loss), axis_name)
     grad_norm = optax.tree_utils.tree_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)  # any NaN/Inf entry (or overflow) makes the norm non-finite
     updates, opt_state = cfg.tx.update(grads, state.opt_state, state.params)
@@ -118,7 +138,15 @@ class Parallel:
         self.replicated = NamedSharding(self.mesh, P())
         self.sharded = NamedSharding(self.mesh, P(data.DATA_AXIS))
         if mode == "jit":
-            self._train = jax.jit(functools.partial(train_step, cfg), donate_argnums=(0,), out_shardings=(self.replicated, self.replicated))
+            # Each device runs the step on its slice of the batch (the state replicated), meeting
+            # in train_step's one flat all-reduce; the SPMD partitioner's per-leaf all-reduces
+            # (plain jit of the global step) cost ~12 % on CPU devices (pmean_flat). As under
+            # pmap, gradients are per-device until that pmean: check_vma=False, since with it
+            # autodiff would sum them itself, and the convolutions' custom VJPs return
+            # per-device cotangents for replicated kernels, which it rejects.
+            per_device = jax.shard_map(functools.partial(train_step, cfg, axis_name=data.DATA_AXIS), mesh=self.mesh,
+                                       in_specs=(P(), P(), P(data.DATA_AXIS)), out_specs=(P(), P()), check_vma=False)
+            self._train = jax.jit(per_device, donate_argnums=(0,), out_shardings=(self.replicated, self.replicated))
         else:
             self._train = jax.pmap(
                 functools.partial(train_step, cfg, axis_name=data.DATA_AXIS),

@@ -144,6 +144,21 @@ PARALLEL_SCRIPT = textwrap.dedent(
             out[opt + "_" + mode] = {{
                 "params": rel(moved(got), moved(ref)), "ema": rel(got.ema_params, ref.ema_params),
                 "loss": max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses)), "step": int(got.step)}}
+    # the jit step's gradient all-reduce: one, of one flat vector (train_step.pmean_flat)
+    st = Parallel(par.cfg).put_state(jax.device_get(create_train_state(state.params, par.cfg.tx, state.rng)))
+    hlo = Parallel(par.cfg).compile_train(st, schedule, par.put_batch(batches[0])).as_text()
+    reduces = [line for line in hlo.splitlines() if " all-reduce(" in line or " all-reduce-start(" in line]
+    out["all_reduce_shapes"] = [line.split(" = ", 1)[1].split(" all-reduce")[0] for line in reduces]
+    # pmean_flat gives lax.pmean's values, here on a tree of float32 leaves of several shapes
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from ddpm_jax.train_step import pmean_flat
+    mesh = Mesh(np.array(jax.devices()), ("d",))
+    tree = {{"a": np.arange(8 * 3, dtype=np.float32).reshape(8, 3) ** 1.5,
+            "b": np.linspace(-1, 1, 8 * 20, dtype=np.float32).reshape(8, 4, 5), "c": np.arange(8, dtype=np.float32)}}
+    both = jax.jit(jax.shard_map(lambda t: (pmean_flat(t, "d"), jax.lax.pmean(t, "d")), mesh=mesh,
+                                 in_specs=P("d"), out_specs=P(), check_vma=False))
+    flat, ref = jax.device_get(both(jax.device_put(tree, NamedSharding(mesh, P("d")))))
+    out["pmean_flat_equal"] = all(np.array_equal(flat[k], ref[k]) and flat[k].dtype == ref[k].dtype for k in ref)
     print("RESULT", json.dumps(out))
     """
 )
@@ -161,7 +176,8 @@ def test_jit_mesh_and_pmap_equal_single_device_on_8_devices(tmp_path):
     gradient entry by its running RMS, so an entry that is zero up to rounding gets an O(lr)
     update of arbitrary sign on either side: parameters cannot be compared tightly there, and
     the Adam check is on the loss at every step (tolerance 1e-4 relative), which stays within
-    float error because those entries carry no signal."""
+    float error because those entries carry no signal. The jit step meets in one all-reduce of a
+    flat vector (`pmean_flat`, whose values equal `lax.pmean`'s, checked on a small tree)."""
     script = tmp_path / "parallel.py"
     script.write_text(PARALLEL_SCRIPT.format(tests=os.path.join(REPO, "tests"), repo=REPO))
     env = cpu_env(8)  # with spare threads: see helpers.cpu_env
@@ -173,6 +189,10 @@ def test_jit_mesh_and_pmap_equal_single_device_on_8_devices(tmp_path):
         assert sgd["step"] == adam["step"] == 3
         assert sgd["params"] < 5e-5 and sgd["ema"] < 5e-5 and sgd["loss"] < 1e-5, out
         assert adam["loss"] < 1e-4, out
+    # one all-reduce per step, of one flat f32 vector (not a tuple of the ~40 gradient leaves)
+    assert len(out["all_reduce_shapes"]) == 1 and out["all_reduce_shapes"][0].startswith("f32["), out["all_reduce_shapes"]
+    assert "," not in out["all_reduce_shapes"][0].split("]")[0], out["all_reduce_shapes"]
+    assert out["pmean_flat_equal"]
 
 
 def test_checkpoints_are_synchronous_with_several_cpu_devices(tmp_path):
