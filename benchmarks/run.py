@@ -6,7 +6,8 @@
 Measured after warm-up, as medians over repeated timed blocks (the machine may be noisy):
 
 - ``train_images_per_sec``: the full jitted training step (ε objective, Adam, EMA), batch 100,
-  28×28×1, data already on the device — what ``experiments.train`` runs each step;
+  28×28×1, data already on the device — what ``experiments.train`` runs each step, dispatched as
+  it does: each step queued before waiting for the one before it;
 - ``train_compile_s`` / ``sample_compile_s``: lowering + XLA compilation of the step and of the
   whole ``lax.scan`` sampler;
 - ``train_gflops_per_image`` and ``train_gflop_per_sec``: XLA's cost analysis of the compiled
@@ -58,17 +59,20 @@ def _optim_config(lr: float = 0.01) -> ml_collections.ConfigDict:
                                           decay_factor=0.1, decay_every_epochs=20, warmup_steps=0, grad_clip_norm=1.0))
 
 
-def _median_rates(fns, items_per_call: int, *, blocks: int, calls_per_block: int):
+def _median_rates(fns, items_per_call: int, *, blocks: int, calls_per_block: int, finish=None):
     """{name: median over ``blocks`` of items/s} for each of ``fns`` ({name: fn}), each block
-    ``calls_per_block`` calls of ``fn`` (which must block until its result is ready). The blocks of
-    the different functions are interleaved, so a machine whose speed drifts (a shared VM) slows
-    them all alike and the ratios stay meaningful."""
+    ``calls_per_block`` calls of ``fn``, then ``finish[name]()`` if given (which must block until
+    every call's result is ready; without it, ``fn`` itself must). The blocks of the different
+    functions are interleaved, so a machine whose speed drifts (a shared VM) slows them all alike
+    and the ratios stay meaningful."""
     rates = {name: [] for name in fns}
     for _ in range(blocks):
         for name, fn in fns.items():
             t0 = time.perf_counter()
             for _ in range(calls_per_block):
                 fn()
+            if finish:
+                finish[name]()
             rates[name].append(items_per_call * calls_per_block / (time.perf_counter() - t0))
     return {name: statistics.median(r) for name, r in rates.items()}
 
@@ -88,25 +92,34 @@ def setup_train(preset: str, conv_impl: str = "phases", batch: int = TRAIN_BATCH
 
 
 def _stepper(compiled, state, schedule, x):
-    """A call that runs one compiled step on its own (donated, carried-over) state and waits, and
-    the running count [steps, minor page faults during them] it adds to."""
-    box = {"state": state}
+    """A call that dispatches one compiled step on its own (donated, carried-over) state and then
+    waits for the step dispatched before it, as the training loop does
+    (``cpu_devices.DispatchWindow``: the host queues step i + 1 while the devices run step i);
+    a call that waits for the last step; and the running count [steps, minor page faults during
+    them] the first adds to."""
+    box = {"state": state, "pending": None}
     counts = [0, 0]
 
     def step():
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         box["state"], m = compiled(box["state"], schedule, x)
-        m["loss"].block_until_ready()
+        finish()
+        box["pending"] = m["loss"]
         counts[0] += 1
         counts[1] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
 
-    return step, counts
+    def finish():
+        if box["pending"] is not None:
+            box["pending"].block_until_ready()
+            box["pending"] = None
+
+    return step, finish, counts
 
 
 def bench_train(preset: str, conv_impls=("phases",), *, batch: int = TRAIN_BATCH, blocks: int = 5, steps: int = 20):
     """{conv_impl: [(name, value, unit), ...]} of the training step, each formulation compiled and
     warmed up first, then timed in interleaved blocks."""
-    steppers, results = {}, {}
+    steppers, finishers, results = {}, {}, {}
     for impl in conv_impls:
         par, state, schedule, x = setup_train(preset, impl, batch)
         t0 = time.perf_counter()
@@ -117,13 +130,14 @@ def bench_train(preset: str, conv_impls=("phases",), *, batch: int = TRAIN_BATCH
         # The compiled SPMD program is one device's share of the step: its FLOPs × the device count.
         flops = par.num_devices * float(cost.get("flops", float("nan"))) if cost else float("nan")
 
-        step, counts = _stepper(compiled, state, schedule, x)
+        step, finish, counts = _stepper(compiled, state, schedule, x)
         for _ in range(5):  # warm-up
             step()
+        finish()
         counts[:] = [0, 0]
-        steppers[impl] = step
+        steppers[impl], finishers[impl] = step, finish
         results[impl] = (compile_s, flops, counts)
-    rates = _median_rates(steppers, batch, blocks=blocks, calls_per_block=steps)
+    rates = _median_rates(steppers, batch, blocks=blocks, calls_per_block=steps, finish=finishers)
     return {impl: [
         ("train_images_per_sec", rates[impl], "images/s"),
         ("train_compile_s", compile_s, "s"),

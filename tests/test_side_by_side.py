@@ -1,6 +1,6 @@
 """benchmarks.side_by_side: the ABBA order of ours and the reference, the per-round ratios against
 the reference's best setting, and the checks made before any long run (the timings themselves are
-benchmarks, not tests)."""
+benchmarks, not tests); and how benchmarks.run dispatches the training steps it times."""
 
 import statistics
 
@@ -80,3 +80,31 @@ def test_benchmarks_run_refuses_to_skip_everything(capsys):
         run.main(["--skip_sampling", "--skip_training"])
     assert e.value.code == 2
     assert "leave nothing to measure" in capsys.readouterr().err
+
+
+def test_benchmark_stepper_queues_each_step_before_waiting_for_the_one_before():
+    """benchmarks.run times training steps as the training loop dispatches them: step i is
+    queued, then step i − 1 waited for; ``finish`` waits for the last. Checked with fakes that log
+    every dispatch and wait."""
+    from benchmarks.run import _stepper
+
+    log = []
+
+    class Loss:
+        def __init__(self, i):
+            self.i = i
+
+        def block_until_ready(self):
+            log.append(("wait", self.i))
+
+    def compiled(state, schedule, x):
+        log.append(("run", state))
+        return state + 1, {"loss": Loss(state)}
+
+    step, finish, counts = _stepper(compiled, 0, None, None)
+    for _ in range(3):
+        step()
+    assert log == [("run", 0), ("run", 1), ("wait", 0), ("run", 2), ("wait", 1)]
+    finish()
+    finish()  # nothing left to wait for
+    assert log[5:] == [("wait", 2)] and counts[0] == 3
