@@ -66,7 +66,8 @@ def pmean_flat(tree, axis_name: str):
     training step ~12 % slower than one flat vector (docs/performance.md), and over the gloo
     collectives of several CPU processes each buffer costs a round trip of ~1 ms. Leaves of
     different dtypes are promoted to a common one for the all-reduce and cast back
-    (``ravel_pytree``).
+    (``ravel_pytree``). The price is one concatenated copy of the tree (for the small U-Net's
+    166k gradients, 0.7 MB; for a model of N parameters, 4N bytes more at the step's peak).
     """
     flat, unravel = ravel_pytree(tree)
     n = jax.lax.psum(1, axis_name)
