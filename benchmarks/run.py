@@ -93,27 +93,22 @@ def setup_train(preset: str, conv_impl: str = "phases", batch: int = TRAIN_BATCH
 
 def _stepper(compiled, state, schedule, x):
     """A call that dispatches one compiled step on its own (donated, carried-over) state and then
-    waits for the step dispatched before it, as the training loop does
-    (``cpu_devices.DispatchWindow``: the host queues step i + 1 while the devices run step i);
-    a call that waits for the last step; and the running count [steps, minor page faults during
+    waits for the step dispatched before it, as the training loop does on several CPU devices (a
+    ``cpu_devices.DispatchWindow``: the host queues step i + 1 while the devices run step i); a
+    call that waits for the last step; and the running count [steps, minor page faults during
     them] the first adds to."""
-    box = {"state": state, "pending": None}
+    box = {"state": state}
+    window = cpu_devices.DispatchWindow()
     counts = [0, 0]
 
     def step():
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         box["state"], m = compiled(box["state"], schedule, x)
-        finish()
-        box["pending"] = m["loss"]
+        window.add(m["loss"])
         counts[0] += 1
         counts[1] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
 
-    def finish():
-        if box["pending"] is not None:
-            box["pending"].block_until_ready()
-            box["pending"] = None
-
-    return step, finish, counts
+    return step, window.wait, counts
 
 
 def bench_train(preset: str, conv_impls=("phases",), *, batch: int = TRAIN_BATCH, blocks: int = 5, steps: int = 20):

@@ -109,7 +109,8 @@ class DispatchWindow:
     the devices; the README's training run lost ~2 % of its throughput to the waits.
 
     ``add(x)``: ``x`` is any array of the step just dispatched; returns once the step before it
-    has finished. A window with ``enabled=False`` never waits.
+    has finished. ``wait()``: returns once the last step added has finished. A window with
+    ``enabled=False`` never waits.
     """
 
     def __init__(self, enabled: bool = True):
@@ -119,7 +120,10 @@ class DispatchWindow:
     def add(self, x: Any) -> None:
         if not self.enabled:
             return
-        if self._last is not None:
-            self._last.block_until_ready()
+        self.wait()
         self._last = x
 
+    def wait(self) -> None:
+        if self._last is not None:
+            self._last.block_until_ready()
+            self._last = None

@@ -70,7 +70,7 @@ def pmean_flat(tree, axis_name: str):
     166k gradients, 0.7 MB; for a model of N parameters, 4N bytes more at the step's peak).
     """
     flat, unravel = ravel_pytree(tree)
-    n = jax.lax.psum(1, axis_name)
+    n = jax.lax.axis_size(axis_name)
     # divided after the split: XLA fuses each leaf's slice of the sum into that leaf's consumers,
     # and a division of the whole vector would be fused into (and costed in) every one of them
     return jax.tree_util.tree_map(lambda x: x / n, unravel(jax.lax.psum(flat, axis_name)))

@@ -136,3 +136,15 @@ def cpu_env(devices=None, **extra):
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}").strip()
     env.update(extra)
     return env
+
+
+class FakeArray:
+    """A stand-in for a dispatched computation's array: appends ``name`` to ``log`` when waited
+    for (``block_until_ready``), to check when a loop waits for what."""
+
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def block_until_ready(self):
+        self.log.append(self.name)
+        return self

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from ddpm_jax import cpu_devices
-from tests.helpers import REPO, STD_NAMES, cli_args, make_digits_like, write_dir
+from tests.helpers import REPO, STD_NAMES, FakeArray, cli_args, make_digits_like, write_dir
 
 
 @pytest.mark.parametrize("requested, batches, cores, expected", [
@@ -208,27 +208,21 @@ def test_evaluate_many_batches_on_two_cpu_devices():
     np.testing.assert_allclose(vals[2], vals[1], rtol=1e-5)
 
 
-class _Step:
-    """A stand-in for a dispatched step's array: records when the window waits for it."""
-
-    def __init__(self, name, log):
-        self.name, self.log = name, log
-
-    def block_until_ready(self):
-        self.log.append(self.name)
-        return self
-
-
 def test_the_dispatch_window_waits_for_the_step_before_the_one_just_dispatched():
     log = []
     window = cpu_devices.DispatchWindow()
     for name in "abcd":
-        window.add(_Step(name, log))
+        window.add(FakeArray(name, log))
         assert log == list("abcd"[: "abcd".index(name)])  # all earlier steps finished, not this one
+    window.wait()
+    window.wait()  # nothing left to wait for
+    assert log == list("abcd")
+    log.clear()
     off = cpu_devices.DispatchWindow(enabled=False)
     for name in "abc":
-        off.add(_Step(name, log))
-    assert log == list("abc")
+        off.add(FakeArray(name, log))
+    off.wait()
+    assert log == []  # never waited
 
 
 COLLECTIVES_SCRIPT = """

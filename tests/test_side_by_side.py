@@ -87,19 +87,13 @@ def test_benchmark_stepper_queues_each_step_before_waiting_for_the_one_before():
     queued, then step i − 1 waited for; ``finish`` waits for the last. Checked with fakes that log
     every dispatch and wait."""
     from benchmarks.run import _stepper
+    from tests.helpers import FakeArray
 
     log = []
 
-    class Loss:
-        def __init__(self, i):
-            self.i = i
-
-        def block_until_ready(self):
-            log.append(("wait", self.i))
-
     def compiled(state, schedule, x):
         log.append(("run", state))
-        return state + 1, {"loss": Loss(state)}
+        return state + 1, {"loss": FakeArray(("wait", state), log)}
 
     step, finish, counts = _stepper(compiled, 0, None, None)
     for _ in range(3):
