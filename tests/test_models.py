@@ -400,6 +400,9 @@ def test_matrix_product_forms_equal_the_direct_layers(x64, h, w, cin, cout, form
     for u, v in zip(got, want):
         assert u.shape == v.shape
         np.testing.assert_allclose(u, v, rtol=1e-12, atol=1e-12)
+    # Without differentiation a custom_vjp runs its primal, which may be another form (col2im's
+    # pads its input): it must give the same value too.
+    np.testing.assert_allclose(getattr(conv_ops, form)(x, k), want[0], rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("impl", ["stride1", "phases"])
