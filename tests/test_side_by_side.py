@@ -7,6 +7,7 @@ import statistics
 import pytest
 
 from benchmarks import side_by_side as sbs
+from tests.helpers import FakeArray
 
 
 def test_rounds_alternate_which_side_goes_first():
@@ -87,7 +88,6 @@ def test_benchmark_stepper_queues_each_step_before_waiting_for_the_one_before():
     queued, then step i − 1 waited for; ``finish`` waits for the last. Checked with fakes that log
     every dispatch and wait."""
     from benchmarks.run import _stepper
-    from tests.helpers import FakeArray
 
     log = []
 
