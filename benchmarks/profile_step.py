@@ -31,7 +31,7 @@ import sys
 import tempfile
 
 from benchmarks.run import TRAIN_BATCH
-from ddpm_jax.models.unet import CONV_IMPLS
+from ddpm_jax.models.scorenet import CONV_IMPLS
 
 SKIP = ("ThunkExecutor", "$", "PjitFunction", "ParseArguments", "CommonPjRt", "SlinkyThreadPool")
 

@@ -45,7 +45,7 @@ import numpy as np
 
 from ddpm_jax import cpu_devices, data, malloc_tuning, objectives, sampling, schedules
 from ddpm_jax.models import make_model, make_model_fn
-from ddpm_jax.models.unet import CONV_IMPLS
+from ddpm_jax.models.scorenet import CONV_IMPLS
 from ddpm_jax.train_state import create_train_state, make_optimizer
 from ddpm_jax.train_step import Parallel, StepConfig
 

@@ -115,7 +115,7 @@ def validate_config(config) -> None:
         raise ConfigError(f"config.schedule: {e}") from None
 
     from ddpm_jax.models import PRESETS  # the model module imports flax; keep it local
-    from ddpm_jax.models.unet import CONV_IMPLS
+    from ddpm_jax.models.scorenet import CONV_IMPLS
 
     _choice(config, "model.preset", PRESETS)
     _int(config, "model.embed_dim", minimum=2)

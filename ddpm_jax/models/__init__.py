@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpm_jax.models.group_norm import GroupNorm, GroupNormSwish
-from ddpm_jax.models.unet import (
+from ddpm_jax.models.scorenet import (
     MIN_IMAGE_SIZE,
     ConvTranspose,
     GaussianFourierFeatures,
@@ -59,7 +59,7 @@ def make_model(preset_or_channels: Union[str, Sequence[int]], *, image_shape: Se
     """Builds a ``ScoreNet`` from a preset name ('small' | 'medium' | 'large') or 4 widths.
 
     ``conv_impl`` picks how the strided, transposed and output convolutions are computed
-    ('xla' | 'stride1' | 'phases', see :data:`ddpm_jax.models.unet.CONV_IMPLS`); parameters and
+    ('xla' | 'stride1' | 'phases', see :data:`ddpm_jax.models.scorenet.CONV_IMPLS`); parameters and
     results are the same.
 
     ``image_shape`` is ``(H, W, C)``; the output has ``C`` channels. The configuration is
