@@ -1,6 +1,8 @@
-"""Networks: the source U-Net (``ScoreNet``) and helpers to build, count and label its params.
+"""Networks: the source U-Net (``ScoreNet``, ``models/scorenet.py``) and the U-Net of Ho et al.
+(``DDPMUNet``, ``models/ddpm_unet.py``), and helpers to build, count and label their params.
 
-    model = make_model('small', image_shape=(28, 28, 1))
+    model = model_from_config(config.model, image_shape=(28, 28, 1))   # either family, by model.name
+    model = make_model('small', image_shape=(28, 28, 1))               # a ScoreNet preset
     params = model.init(key, jnp.zeros((1, 28, 28, 1)), jnp.ones((1,)))['params']
     model_fn = lambda x, t: model.apply({'params': params}, x, t)      # what losses/samplers take
     tx = optax.multi_transform({'net': optax.adam(1e-2), 'rho': optax.adam(0.2),
@@ -9,13 +11,16 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
+import flax.linen as nn
 import numpy as np
 
+from ddpm_jax.models.ddpm_unet import DDPMUNet, check_unet_config, check_unet_image_shape
 from ddpm_jax.models.group_norm import GroupNorm, GroupNormSwish
 from ddpm_jax.models.scorenet import (
     MIN_IMAGE_SIZE,
@@ -30,6 +35,12 @@ from ddpm_jax.models.scorenet import (
 __all__ = [
     "PRESETS",
     "ScoreNet",
+    "DDPMUNet",
+    "MODEL_NAMES",
+    "model_from_config",
+    "describe_model",
+    "make_ddpm_unet",
+    "takes_train",
     "GaussianFourierFeatures",
     "ConvTranspose",
     "GroupNorm",
@@ -82,6 +93,81 @@ def make_model(preset_or_channels: Union[str, Sequence[int]], *, image_shape: Se
     t = jax.ShapeDtypeStruct((1,), jnp.float32)
     jax.eval_shape(model.init, jax.random.PRNGKey(0), x, t)
     return model
+
+
+def _as_tuple(v) -> Tuple:
+    return tuple(v) if isinstance(v, (tuple, list)) else v
+
+
+def make_ddpm_unet(*, image_shape: Sequence[int], ch: int = 128, ch_mult: Sequence[int] = (1, 2, 2, 2),
+                   num_res_blocks: int = 2, attn_resolutions: Sequence[int] = (16,), dropout: float = 0.1,
+                   num_groups: int = 32) -> DDPMUNet:
+    """Builds a ``DDPMUNet`` (Ho et al. 2020) for images of shape ``image_shape = (H, W, C)``; the
+    output has ``C`` channels. The defaults are the paper's CIFAR-10 network (35,746,307 params at
+    32×32×3). Validated like :func:`make_model` (an abstract ``init`` via ``jax.eval_shape``), so
+    bad settings or an image size the levels do not divide raise ``ValueError`` before any compile.
+    """
+    ch_mult, attn_resolutions = _as_tuple(ch_mult), _as_tuple(attn_resolutions)
+    check_unet_config(ch, ch_mult, num_res_blocks, attn_resolutions, dropout, num_groups)
+    check_unet_image_shape(image_shape, ch_mult)
+    model = DDPMUNet(ch=int(ch), ch_mult=tuple(int(m) for m in ch_mult), num_res_blocks=int(num_res_blocks),
+                     attn_resolutions=tuple(int(r) for r in attn_resolutions), dropout=float(dropout),
+                     num_groups=int(num_groups))
+    x = jax.ShapeDtypeStruct((1, *tuple(int(d) for d in image_shape)), jnp.float32)
+    t = jax.ShapeDtypeStruct((1,), jnp.float32)
+    jax.eval_shape(model.init, jax.random.PRNGKey(0), x, t)
+    return model
+
+
+#: Network families, chosen by ``config.model.name`` (absent: 'scorenet', as in runs saved before
+#: the key existed).
+MODEL_NAMES = ("scorenet", "unet")
+
+
+def _get(model_config, key: str, default=None):
+    try:
+        return model_config[key]
+    except (KeyError, AttributeError):
+        return default
+
+
+def model_name(model_config) -> str:
+    """``model_config['name']``, or 'scorenet' where the key is absent."""
+    return _get(model_config, "name", "scorenet")
+
+
+def model_from_config(model_config, image_shape: Sequence[int]):
+    """The network that a config's ``model`` section describes, for images ``(H, W, C)``.
+
+    ``name`` 'scorenet' (or absent): :func:`make_model` with ``preset``, ``rho_head``,
+    ``embed_dim``, ``num_groups``, ``fourier_scale``, ``conv_impl`` (absent: 'xla'). 'unet':
+    :func:`make_ddpm_unet` with ``ch``, ``ch_mult``, ``num_res_blocks``, ``attn_resolutions``,
+    ``dropout``, ``num_groups``. Validated before anything is compiled: ``ValueError``, one line.
+    """
+    name = model_name(model_config)
+    m = model_config
+    if name == "scorenet":
+        return make_model(m["preset"], image_shape=image_shape, rho_head=m["rho_head"], embed_dim=m["embed_dim"],
+                          num_groups=m["num_groups"], fourier_scale=m["fourier_scale"],
+                          conv_impl=_get(m, "conv_impl", "xla"))
+    if name == "unet":
+        if _get(m, "rho_head", False):
+            raise ValueError("model.rho_head = True: the ρ-head is a ScoreNet option (model.name='scorenet')")
+        return make_ddpm_unet(image_shape=image_shape, ch=m["ch"], ch_mult=m["ch_mult"],
+                              num_res_blocks=m["num_res_blocks"], attn_resolutions=m["attn_resolutions"],
+                              dropout=m["dropout"], num_groups=m["num_groups"])
+    raise ValueError(f"unknown model.name {name!r}; choose one of {list(MODEL_NAMES)}")
+
+
+def describe_model(model_config) -> str:
+    """One line naming the network and its settings, for logs, e.g. ``ScoreNet preset=small
+    rho_head=False`` or ``DDPMUNet ch=128 ch_mult=(1, 2, 2, 2) num_res_blocks=2
+    attn_resolutions=(16,) dropout=0.1 num_groups=32``."""
+    m = model_config
+    if model_name(m) == "unet":
+        return (f"DDPMUNet ch={m['ch']} ch_mult={tuple(m['ch_mult'])} num_res_blocks={m['num_res_blocks']} "
+                f"attn_resolutions={tuple(m['attn_resolutions'])} dropout={m['dropout']} num_groups={m['num_groups']}")
+    return f"ScoreNet preset={m['preset']} rho_head={m['rho_head']}"
 
 
 def _unwrap(params):
@@ -140,7 +226,16 @@ def count_params(params) -> Tuple[int, int]:
 TIME_INPUTS = ("index", "fraction")
 
 
-def make_model_fn(apply_fn, params, *, time_input: str = "index", num_steps: int = 1):
+def takes_train(apply_fn) -> bool:
+    """True if ``apply_fn`` is a Flax module's ``apply`` whose ``__call__`` has a ``train``
+    argument (``DDPMUNet``; not ``ScoreNet``): the network has a training mode (dropout)."""
+    module = getattr(apply_fn, "__self__", None)
+    if not isinstance(module, nn.Module):
+        return False
+    return "train" in inspect.signature(type(module).__call__).parameters
+
+
+def make_model_fn(apply_fn, params, *, time_input: str = "index", num_steps: int = 1, dropout_key=None):
     """The ``model_fn(x_t, t) -> prediction`` that losses and samplers take.
 
     Args:
@@ -148,14 +243,35 @@ def make_model_fn(apply_fn, params, *, time_input: str = "index", num_steps: int
       params: the ``params`` collection.
       time_input: see :data:`TIME_INPUTS`.
       num_steps: T (used by 'fraction').
+      dropout_key: None (default): the deterministic network (evaluation, sampling). Otherwise
+        the network in training mode (``train=True``) with its dropout drawn from this key: one
+        key, or one key per example (``(B, 2)`` raw or ``(B,)`` typed, as
+        :func:`ddpm_jax.rng.per_example_keys` gives), with which each example's dropout comes
+        from its own key, so it does not depend on how a batch is split over devices. Ignored
+        for a network without a training mode (:func:`takes_train` false: ``ScoreNet``).
 
     Returns: ``model_fn(x (B, H, W, C), t (B,) int) -> (B, H, W, C)``.
     """
     if time_input not in TIME_INPUTS:
         raise ValueError(f"unknown time_input {time_input!r}; expected one of {TIME_INPUTS}")
     scale = 1.0 / num_steps if time_input == "fraction" else 1.0
+    variables = {"params": params}
+
+    if dropout_key is None or not takes_train(apply_fn):
+        def model_fn(x, t):
+            return apply_fn(variables, x, jnp.asarray(t, jnp.float32) * scale)
+        return model_fn
+
+    from ddpm_jax import rng  # noqa: PLC0415  (ddpm_jax.rng imports nothing of this package)
+
+    def one(x, t, key):
+        return apply_fn(variables, x, t, train=True, rngs={"dropout": key})
 
     def model_fn(x, t):
-        return apply_fn({"params": params}, x, jnp.asarray(t, jnp.float32) * scale)
+        t = jnp.broadcast_to(jnp.asarray(t, jnp.float32) * scale, x.shape[:1])
+        if not rng.is_key_batch(dropout_key):
+            return one(x, t, dropout_key)
+        # each example on its own, with its own key (vmap batches the network back together)
+        return jax.vmap(lambda xi, ti, ki: one(xi[None], ti[None], ki)[0])(x, t, dropout_key)
 
     return model_fn
