@@ -6,8 +6,11 @@ each device on its slice) or under ``jax.pmap``. Either way the gradients and th
 averaged over the devices by one ``lax.pmean`` of a single flat vector (:func:`pmean_flat`).
 
 Randomness is drawn per example from ``fold_in(fold_in(state.rng, state.step), example_id)``,
-where ``example_id`` is the example's position in the *global* batch. The noise an example sees
-therefore does not depend on how the batch is split, and every parallel form computes the same
+where ``example_id`` is the example's position in the *global* batch; a network with dropout
+(a ``train`` argument, :func:`ddpm_jax.models.takes_train`) draws each example's dropout from
+``fold_in(fold_in(fold_in(state.rng, state.step), DROPOUT_STREAM), example_id)``, in
+``train_step`` only (evaluation and sampling are deterministic). The noise and dropout an example
+sees therefore do not depend on how the batch is split, and every parallel form computes the same
 update as one device on the same global batch (up to float reduction order).
 """
 
@@ -25,11 +28,14 @@ from jax.flatten_util import ravel_pytree
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ddpm_jax import data, rng
-from ddpm_jax.models import make_model_fn
+from ddpm_jax.models import make_model_fn, takes_train
 from ddpm_jax.schedules import Schedule
 from ddpm_jax.train_state import TrainState, ema_decay_at, ema_update
 
-__all__ = ["StepConfig", "train_step", "pmean_flat", "eval_step", "Parallel"]
+__all__ = ["StepConfig", "train_step", "pmean_flat", "eval_step", "Parallel", "DROPOUT_STREAM"]
+
+#: Folded into the step's key to derive the dropout keys, apart from the noise keys.
+DROPOUT_STREAM = 0x64726F70
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,9 +53,10 @@ class StepConfig:
     time_input: str = "index"
 
 
-def _loss_and_grads(cfg: StepConfig, params, schedule: Schedule, batch, keys):
+def _loss_and_grads(cfg: StepConfig, params, schedule: Schedule, batch, keys, dropout_keys=None):
     def loss(p):
-        model_fn = make_model_fn(cfg.apply_fn, p, time_input=cfg.time_input, num_steps=schedule.num_steps)
+        model_fn = make_model_fn(cfg.apply_fn, p, time_input=cfg.time_input, num_steps=schedule.num_steps,
+                                 dropout_key=dropout_keys)
         return cfg.loss_fn(model_fn, schedule, batch, keys)
 
     (value, aux), grads = jax.value_and_grad(loss, has_aux=True)(params)
@@ -89,8 +96,12 @@ def train_step(cfg: StepConfig, state: TrainState, schedule: Schedule, batch, *,
     """
     b = batch.shape[0]
     offset = jax.lax.axis_index(axis_name) * b if axis_name else 0
-    keys = rng.per_example_keys(jax.random.fold_in(state.rng, state.step), offset + jnp.arange(b))
-    loss, _, grads = _loss_and_grads(cfg, state.params, schedule, batch, keys)
+    step_key = jax.random.fold_in(state.rng, state.step)
+    keys = rng.per_example_keys(step_key, offset + jnp.arange(b))
+    dropout_keys = None
+    if takes_train(cfg.apply_fn):
+        dropout_keys = rng.per_example_keys(jax.random.fold_in(step_key, DROPOUT_STREAM), offset + jnp.arange(b))
+    loss, _, grads = _loss_and_grads(cfg, state.params, schedule, batch, keys, dropout_keys)
     if axis_name:
         grads, loss = pmean_flat((grads, loss), axis_name)
     grad_norm = optax.tree_utils.tree_norm(grads)
