@@ -36,6 +36,7 @@ def get_config(variant: str = "eps") -> ml_collections.ConfigDict:
     c.data.scale = "[0,1]"  # '[0,1]' (the notebook) | '[-1,1]'
     c.data.train_size = 50_000  # the notebook pools all 70,000 MNIST images, then splits 50k/20k
     c.data.val_size = 20_000
+    c.data.random_flip = False  # random horizontal flips of training images (digits are not symmetric)
 
     c.schedule = ml_collections.ConfigDict()
     c.schedule.name = "linear"
@@ -44,6 +45,7 @@ def get_config(variant: str = "eps") -> ml_collections.ConfigDict:
     c.schedule.beta_end = 0.1
 
     c.model = ml_collections.ConfigDict()
+    c.model.name = "scorenet"  # the source U-Net | 'unet': Ho et al.'s (configs/mnist_unet.py, configs/cifar10.py)
     c.model.preset = "small"  # small [8,16,32,64] | medium [32,64,128,256] | large [64,128,256,512]
     c.model.embed_dim = 256
     c.model.num_groups = 4

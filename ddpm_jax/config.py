@@ -23,7 +23,6 @@ REQUIRED_KEYS = (
     "data.val_size",
     "schedule.name",
     "schedule.num_steps",
-    "model.preset",
     "model.time_input",
     "objective.name",
     "objective.weighting",
@@ -103,6 +102,8 @@ def validate_config(config) -> None:
     if source == "idx" and not _get(config, "data.path"):
         raise ConfigError("config.data.path is empty: data.source='idx' needs the directory of IDX files")
     _choice(config, "data.scale", data.SCALES)
+    if not isinstance(_get(config, "data").get("random_flip", False), bool):  # absent: False
+        raise ConfigError(f"config.data.random_flip = {_get(config, 'data').get('random_flip')!r}: must be True or False")
     _int(config, "data.train_size", minimum=1)
     _int(config, "data.val_size", minimum=0)
 
@@ -114,18 +115,48 @@ def validate_config(config) -> None:
     except ValueError as e:
         raise ConfigError(f"config.schedule: {e}") from None
 
-    from ddpm_jax.models import PRESETS  # the model module imports flax; keep it local
+    from ddpm_jax.models import MODEL_NAMES, PRESETS  # the model module imports flax; keep it local
+    from ddpm_jax.models.ddpm_unet import check_unet_config
     from ddpm_jax.models.scorenet import CONV_IMPLS
 
-    _choice(config, "model.preset", PRESETS)
-    _int(config, "model.embed_dim", minimum=2)
-    _int(config, "model.num_groups", minimum=1)
-    _float(config, "model.fourier_scale", low=0.0, low_open=True)
+    # model.name selects the family; only that family's keys are checked. Absent: 'scorenet'
+    # (configs saved before the key existed).
+    model_name = _get(config, "model").get("name", "scorenet")
+    if model_name not in MODEL_NAMES:
+        raise ConfigError(f"config.model.name = {model_name!r}: must be one of {list(MODEL_NAMES)}")
+    if model_name == "scorenet":
+        _choice(config, "model.preset", PRESETS)
+        _int(config, "model.embed_dim", minimum=2)
+        _int(config, "model.num_groups", minimum=1)
+        _float(config, "model.fourier_scale", low=0.0, low_open=True)
+        _choice(config, "model.conv_impl", CONV_IMPLS)
+        rho = _get(config, "model.rho_head")
+        if not isinstance(rho, bool):
+            raise ConfigError(f"config.model.rho_head = {rho!r}: must be True or False")
+    else:
+        def int_seq(key, nonempty):
+            v = _get(config, key)
+            if (not isinstance(v, (tuple, list)) or (nonempty and not v)
+                    or any(isinstance(e, bool) or not isinstance(e, numbers.Integral) or e < 1 for e in v)):
+                raise ConfigError(f"config.{key} = {v!r}: must be a {'non-empty ' if nonempty else ''}"
+                                  "sequence of integers >= 1")
+            return tuple(int(e) for e in v)
+
+        ch = _int(config, "model.ch", minimum=4)
+        ch_mult = int_seq("model.ch_mult", nonempty=True)
+        blocks = _int(config, "model.num_res_blocks", minimum=1)
+        attn = int_seq("model.attn_resolutions", nonempty=False)
+        dropout = _float(config, "model.dropout", 0.0, 1.0, high_open=True)
+        groups = _int(config, "model.num_groups", minimum=1)
+        try:
+            check_unet_config(ch, ch_mult, blocks, attn, dropout, groups)
+        except ValueError as e:
+            raise ConfigError(f"config.model: {e}") from None
+        rho = _get(config, "model").get("rho_head", False)
+        if rho is not False:
+            raise ConfigError(f"config.model.rho_head = {rho!r}: the ρ-head is a ScoreNet option "
+                              "(model.name='scorenet'); set it to False")
     _choice(config, "model.time_input", TIME_INPUTS)
-    _choice(config, "model.conv_impl", CONV_IMPLS)
-    rho = _get(config, "model.rho_head")
-    if not isinstance(rho, bool):
-        raise ConfigError(f"config.model.rho_head = {rho!r}: must be True or False")
 
     name = _choice(config, "objective.name", objectives.OBJECTIVES)
     _choice(config, "objective.weighting", objectives.WEIGHTINGS)

@@ -19,7 +19,8 @@ for evaluation; with this split the validation set overlaps it.
 Batches are a pure function of ``(seed, step)`` (:func:`batch_indices`): epoch ``e`` is the
 permutation drawn from ``np.random.default_rng([seed, e])``, so a run resumed at global step ``s``
 sees exactly the batches it would have seen without the interruption. The global step is the only
-"data position" a checkpoint needs.
+"data position" a checkpoint needs. Random horizontal flips (``data.random_flip``) are a pure
+function of ``(seed, step, position in the global batch)`` too (:func:`flip_mask`).
 
 Multi-device / multi-host: every process computes the same global batch indices and takes its
 contiguous slice ``[process_index * lb : (process_index + 1) * lb]`` (:class:`BatchIterator`);
@@ -54,6 +55,8 @@ __all__ = [
     "splits_from_config",
     "steps_per_epoch",
     "batch_indices",
+    "flip_mask",
+    "flip_images",
     "BatchIterator",
     "check_batch_divisible",
     "shard_batch",
@@ -659,6 +662,26 @@ def batch_indices(seed: int, step: int, num_examples: int, global_batch: int) ->
     return perm[i * global_batch : (i + 1) * global_batch].copy()
 
 
+#: Entry of the flips' seed sequence that keeps it apart from the epoch permutations'.
+_FLIP_STREAM = 0x666C6970
+
+
+def flip_mask(seed: int, step: int, global_batch: int) -> np.ndarray:
+    """Which examples of the global batch at ``step`` are flipped left-right: ``(global_batch,)``
+    bool, ``np.random.default_rng([seed, step, _FLIP_STREAM]).random(global_batch) < 0.5``, a
+    pure function of ``(seed, step, position in the global batch)`` (so a resumed run, and every
+    process's slice of the batch, sees the same flips)."""
+    seed = _check_count(seed, "seed", 0)
+    step = _check_count(step, "step", 0)
+    return np.random.default_rng([seed, step, _FLIP_STREAM]).random(global_batch) < 0.5
+
+
+def flip_images(images: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``images`` ``(B, H, W, C)`` with those where ``mask`` ``(B,)`` is True mirrored along W
+    (one vectorised ``np.where``); same dtype."""
+    return np.where(np.asarray(mask, bool)[:, None, None, None], images[:, :, ::-1], images)
+
+
 def check_batch_divisible(global_batch: int, num_devices: int) -> None:
     """Raises ValueError unless ``train.batch_size`` is divisible by the device count."""
     if num_devices < 1 or global_batch % num_devices != 0:
@@ -680,6 +703,10 @@ class BatchIterator:
 
     ``images`` may also be a tuple/list/dict of arrays with the same leading size (e.g. images and
     labels); ``local_batch`` then has the same structure.
+
+    With ``random_flip=True`` each example is mirrored left-right where :func:`flip_mask` (over
+    the global batch, this process's slice of it) says so; only rank-4 ``(N, H, W, C)`` arrays
+    are flipped (labels pass through).
     """
 
     def __init__(
@@ -691,8 +718,10 @@ class BatchIterator:
         start_step: int = 0,
         process_index: int = 0,
         process_count: int = 1,
+        random_flip: bool = False,
     ):
         self.arrays = images
+        self.random_flip = bool(random_flip)
         leaves = _leaves(images)
         if not leaves:
             raise ValueError("BatchIterator needs at least one array")
@@ -732,7 +761,11 @@ class BatchIterator:
     def batch(self, step: int):
         """This process's batch at ``step`` (random access; does not move the iterator)."""
         idx = self.local_indices(step)
-        return _map(lambda a: a[idx], self.arrays)
+        if not self.random_flip:
+            return _map(lambda a: a[idx], self.arrays)
+        lo = self.process_index * self.local_batch
+        mask = flip_mask(self.seed, step, self.global_batch)[lo : lo + self.local_batch]
+        return _map(lambda a: flip_images(a[idx], mask) if a.ndim == 4 else a[idx], self.arrays)
 
     def __iter__(self) -> "BatchIterator":
         return self
