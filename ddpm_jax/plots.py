@@ -1,4 +1,5 @@
-"""PNG figures: sample grids, loss curves, line plots and snapshot tables (matplotlib, Agg backend: no display needed)."""
+"""PNG figures: sample grids, loss curves, line plots and snapshot tables (matplotlib, Agg backend: no
+display needed). Each is written atomically (``ddpm_jax.files``): an interrupted write keeps the old figure."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from ddpm_jax.files import atomic_path
 
 __all__ = ["image_grid", "save_image_grid", "save_loss_curve", "save_line_plot", "save_snapshot_table"]
 
@@ -38,8 +41,7 @@ def save_image_grid(images: np.ndarray, path: str, *, ncol: int = 0, title: str 
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 
@@ -63,8 +65,7 @@ def save_loss_curve(rows: List[Dict[str, float]], path: str, keys: Sequence[str]
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 
@@ -90,8 +91,7 @@ def save_line_plot(series: Dict[str, Tuple[Sequence[float], Sequence[float]]], p
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 
@@ -119,6 +119,16 @@ def save_snapshot_table(rows: Dict[str, np.ndarray], col_titles: Sequence[str], 
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(fig, path)
     return path
+
+
+def _save(fig, path: str) -> None:
+    """Saves and closes ``fig``: written to a temporary name, renamed over ``path`` when complete."""
+    import matplotlib.pyplot as plt
+
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp)
+    finally:
+        plt.close(fig)
