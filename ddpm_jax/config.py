@@ -10,7 +10,7 @@ import numbers
 
 from ddpm_jax import data, objectives, sampling, schedules
 
-__all__ = ["ConfigError", "validate_config", "REQUIRED_KEYS"]
+__all__ = ["ConfigError", "validate_config", "schedule_from_config", "REQUIRED_KEYS"]
 
 #: Keys the rest of the project relies on (DESIGN.md / the training issue).
 REQUIRED_KEYS = (
@@ -88,6 +88,15 @@ def _choice(config, key, choices):
     return v
 
 
+def schedule_from_config(config) -> "schedules.Schedule":
+    """The config's schedule: ``schedule.name`` with T = ``schedule.num_steps`` and the entries of
+    the schedule section that this schedule takes (``schedules.schedule_kwargs``)."""
+    section = _get(config, "schedule")
+    name = _get(config, "schedule.name")
+    settings = {k: v for k, v in section.items() if k not in ("name", "num_steps")}
+    return schedules.make_schedule(name, _get(config, "schedule.num_steps"), **schedules.schedule_kwargs(name, settings))
+
+
 def validate_config(config) -> None:
     """Checks every key's type and range, and the combinations that must agree.
 
@@ -108,10 +117,11 @@ def validate_config(config) -> None:
     _int(config, "data.val_size", minimum=0)
 
     # The schedule is cheap to build: build it, and report its own error under the config key.
-    sched_kw = {k: v for k, v in _get(config, "schedule").items() if k not in ("name", "num_steps")}
-    T = _int(config, "schedule.num_steps", minimum=1)
+    # T = 1 is refused: one reverse step from the prior is not a diffusion (and the 'mean'
+    # objective's t = T term would be its only one).
+    T = _int(config, "schedule.num_steps", minimum=2)
     try:
-        schedules.make_schedule(_get(config, "schedule.name"), T, **sched_kw)
+        schedule_from_config(config)
     except ValueError as e:
         raise ConfigError(f"config.schedule: {e}") from None
 

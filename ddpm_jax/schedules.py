@@ -12,6 +12,7 @@ same ``T``.
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Callable, Dict
 
@@ -19,7 +20,8 @@ import flax.struct
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["Schedule", "make_schedule", "schedule_from_betas", "SCHEDULES", "register_schedule"]
+__all__ = ["Schedule", "make_schedule", "schedule_from_betas", "SCHEDULES", "register_schedule", "schedule_params",
+           "schedule_kwargs"]
 
 
 @flax.struct.dataclass
@@ -121,11 +123,20 @@ def schedule_from_betas(betas, dtype=jnp.float32) -> Schedule:
     )
 
 
+def _check_increasing(beta_start, beta_end) -> None:
+    if beta_start > beta_end:
+        raise ValueError(f"beta_start = {beta_start} > beta_end = {beta_end}: β_t must not decrease with t "
+                         "(were the two swapped?)")
+
+
 def _linear_betas(num_steps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
     """β_t evenly spaced from ``beta_start`` (t = 1) to ``beta_end`` (t = T) (Ho et al. 2020).
 
     The source notebook uses 1e-4..0.1 with T = 200; the lecture 1e-4..0.02 with T = 1000.
+    ``beta_start > beta_end`` is refused: noise would be added fastest where the signal is
+    already smallest, the reverse of every published schedule, and it is almost always a swap.
     """
+    _check_increasing(beta_start, beta_end)
     return np.linspace(beta_start, beta_end, num_steps, dtype=np.float64)
 
 
@@ -140,6 +151,7 @@ def _cosine_betas(num_steps: int, s: float = 0.008, max_beta: float = 0.999) -> 
 
 def _quadratic_betas(num_steps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
     """√β_t evenly spaced from √beta_start to √beta_end (the DDPM code's 'quad' schedule)."""
+    _check_increasing(beta_start, beta_end)
     return np.linspace(beta_start**0.5, beta_end**0.5, num_steps, dtype=np.float64) ** 2
 
 
@@ -153,6 +165,29 @@ SCHEDULES: Dict[str, Callable[..., np.ndarray]] = {
 def register_schedule(name: str, betas_fn: Callable[..., np.ndarray]) -> None:
     """Adds a named schedule: ``betas_fn(num_steps, **kw)`` returns β_1..β_T, shape ``(T,)``."""
     SCHEDULES[name] = betas_fn
+
+
+def schedule_params(name: str) -> tuple:
+    """The keyword parameters schedule ``name`` takes (e.g. ``('beta_start', 'beta_end')``)."""
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown schedule {name!r}; known schedules: {sorted(SCHEDULES)}")
+    sig = inspect.signature(SCHEDULES[name])
+    return tuple(p.name for p in list(sig.parameters.values())[1:]
+                 if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+
+
+def schedule_kwargs(name: str, settings: Dict) -> Dict:
+    """The entries of ``settings`` (a config's schedule section minus ``name``/``num_steps``)
+    that schedule ``name`` takes. Entries that belong to another known schedule are left out, so
+    one config can carry the parameters of several schedules and switch between them by name;
+    an entry no known schedule takes raises ValueError naming it."""
+    known = {p for n in SCHEDULES for p in schedule_params(n)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ValueError(f"unknown schedule parameter {unknown[0]!r}; schedule {name!r} takes "
+                         f"{list(schedule_params(name))}")
+    mine = schedule_params(name)
+    return {k: v for k, v in settings.items() if k in mine}
 
 
 def make_schedule(name: str, num_steps: int, dtype=jnp.float32, **kw) -> Schedule:
