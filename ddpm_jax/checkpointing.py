@@ -14,37 +14,53 @@ it as (epoch, step-in-epoch) for humans.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
+import logging
 import os
-from typing import Any, Dict, Optional, Tuple
+import re
+import sys
+import threading
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import jax
 import orbax.checkpoint as ocp
 
 from ddpm_jax import cpu_devices
+from ddpm_jax.files import OutputError, write_json
 
-__all__ = ["Checkpointer", "CheckpointError", "async_save_is_safe", "write_config_json", "read_config_json"]
+__all__ = ["Checkpointer", "CheckpointError", "CheckpointMismatchError", "CheckpointWriteError", "async_save_is_safe",
+           "write_config_json", "read_config_json"]
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be restored into this run (different model, or corrupt)."""
 
 
+class CheckpointMismatchError(CheckpointError):
+    """The checkpoint's arrays cannot be this model's: it belongs to another run, not a damaged one."""
+
+
+class CheckpointWriteError(OutputError):
+    """A checkpoint could not be written (full disk, permissions); the partial one is removed."""
+
+
 def write_config_json(workdir: str, config_dict: Dict[str, Any]) -> str:
-    path = os.path.join(workdir, "config.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(config_dict, f, indent=2, sort_keys=True, default=str)
-    os.replace(tmp, path)
-    return path
+    """Writes ``workdir/config.json`` atomically (a reader sees the old file or the new one)."""
+    return write_json(os.path.join(workdir, "config.json"), config_dict, indent=2, sort_keys=True, default=str)
 
 
 def read_config_json(workdir: str) -> Optional[Dict[str, Any]]:
+    """The run's saved config as a dict, None if there is none; CheckpointError (one line) if
+    the file is not valid JSON."""
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); restore it from a copy or use a new --workdir") from None
 
 
 def async_save_is_safe() -> bool:
@@ -69,9 +85,13 @@ class Checkpointer:
       keep: how many recent checkpoints to keep.
       async_save: write in the background while training goes on. Default (None):
         :func:`async_save_is_safe`.
+
+    A save that fails (full disk, permissions) raises :class:`CheckpointWriteError` with one line
+    and leaves no partial directory; :meth:`restore_newest` falls back past damaged checkpoints.
     """
 
     def __init__(self, directory: str, *, every_steps: int, keep: int, async_save: Optional[bool] = None):
+        _quiet_orbax_failure_noise()
         self.directory = os.path.abspath(directory)
         self.async_save = async_save_is_safe() if async_save is None else bool(async_save)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every_steps, create=True,
@@ -86,17 +106,28 @@ class Checkpointer:
         return self._manager.latest_step()
 
     def all_steps(self):
-        return list(self._manager.all_steps())
+        return sorted(self._manager.all_steps())
+
+    def reload(self) -> None:
+        """Re-reads the directory (after checkpoints were moved away by hand or by ``set_aside``)."""
+        self._manager.reload()
 
     def save(self, step: int, state, meta: Dict[str, Any], *, force: bool = False) -> bool:
-        """Starts a save (in the background if ``async_save``); returns whether one was started."""
+        """Starts a save (in the background if ``async_save``); returns whether one was started.
+
+        Raises:
+          CheckpointWriteError: the save (or an earlier background one) failed; the unfinished
+            directory is removed, the checkpoints before it are intact.
+        """
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-        return self._manager.save(int(step), args=args, force=force)
+        with self._write_errors(step):
+            return self._manager.save(int(step), args=args, force=force)
 
     def restore(self, target, step: Optional[int] = None) -> Tuple[Any, Dict[str, Any]]:
         """Restores ``step`` (default: the latest) into the structure, shapes and shardings of
-        ``target`` (a state or its ``jax.eval_shape``). Raises :class:`CheckpointError` with
-        one line naming the problem if it does not fit."""
+        ``target`` (a state or its ``jax.eval_shape``). Raises :class:`CheckpointMismatchError`
+        when the arrays cannot be this model's, :class:`CheckpointError` when the checkpoint
+        cannot be read (damaged); each with one line naming the problem."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"no checkpoint in {self.directory}")
@@ -106,30 +137,61 @@ class Checkpointer:
         try:
             restored = self._manager.restore(step, args=args)
         except Exception as e:  # orbax raises several types for a tree/shape mismatch or a bad file
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CheckpointError(
-                f"cannot restore checkpoint step {step} from {self.directory}: {first[:300]} "
-                "(was it written by a different model or config? use a new --workdir)"
-            ) from e
+                f"cannot restore checkpoint step {step} from {self.directory}: {_first_line(e)}") from e
         _check_shapes(restored.state, abstract, step, self.directory)
         return restored.state, dict(restored.meta or {})
 
+    def restore_newest(self, target, *,
+                       on_failure: Optional[Callable[[int, str], None]] = None) -> Tuple[Any, Dict[str, Any], int, List[int]]:
+        """Restores the newest checkpoint that can be read.
+
+        A checkpoint that fails to restore is reported through ``on_failure(step, line)`` and the
+        next older one is tried. A checkpoint of another model (:class:`CheckpointMismatchError`)
+        stops the search at once: that is a wrong workdir, not damage.
+
+        Returns:
+          ``(state, meta, step, failed_steps)``: the restored state and its step, and the newer
+          steps that could not be read (left in place: the caller decides what to do with them).
+
+        Raises:
+          CheckpointError: no checkpoint could be restored; the message gives the newest one's reason.
+        """
+        steps = self.all_steps()
+        if not steps:
+            raise CheckpointError(f"no checkpoint in {self.directory}")
+        failed, reasons = [], []
+        for step in reversed(steps):
+            try:
+                state, meta = self.restore(target, step)
+            except CheckpointMismatchError:
+                raise
+            except CheckpointError as e:
+                failed.append(step)
+                reasons.append(str(e))
+                if on_failure is not None:
+                    on_failure(step, str(e))
+                continue
+            return state, meta, step, failed
+        raise CheckpointError(f"none of the {len(steps)} checkpoints in {self.directory} can be restored "
+                              f"(newest: {reasons[0]}); nothing was changed")
+
     def _check_saved_shapes(self, abstract, step: int) -> None:
-        """Raises :class:`CheckpointError` before any array is read when the checkpoint's array
-        shapes (from Orbax's metadata; compared as a sorted list, so tree naming does not matter)
-        cannot be this model's. A restore that fails part-way leaves Orbax's pending reads behind
-        (collected later with "Event loop is closed" warnings); this check keeps the common case, a
-        checkpoint of another model, from starting one. No readable metadata: left to ``restore``."""
+        """Raises :class:`CheckpointMismatchError` before any array is read when the checkpoint's
+        array shapes (from Orbax's metadata; compared as a sorted list, so tree naming does not
+        matter) cannot be this model's. A restore that fails part-way leaves Orbax's pending reads
+        behind; this check keeps the common case, a checkpoint of another model, from starting
+        one. No readable metadata: left to ``restore``."""
         try:
             tree = self._manager.item_metadata(step)["state"].tree
             saved = [tuple(leaf.shape) for leaf in jax.tree_util.tree_leaves(tree, is_leaf=lambda a: hasattr(a, "shape"))]
-        except Exception:  # older layout or unreadable metadata: restore reports it
+        except Exception:  # unreadable metadata: restore reports it
             return
         want = [tuple(leaf.shape) for leaf in jax.tree_util.tree_leaves(abstract)]
         unmatched = sorted((collections.Counter(saved) - collections.Counter(want)).elements())
         if unmatched or len(saved) != len(want):
             example = f" (e.g. one of shape {unmatched[0]})" if unmatched else ""
-            raise CheckpointError(
+            raise CheckpointMismatchError(
                 f"checkpoint step {step} in {self.directory} holds {len(saved)} arrays that do not match this "
                 f"model's {len(want)}{example}: {_OTHER_MODEL}")
 
@@ -141,15 +203,122 @@ class Checkpointer:
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         except Exception as e:
-            raise CheckpointError(f"cannot read checkpoint step {step} metadata in {self.directory}: {e}") from e
+            raise CheckpointError(f"cannot read checkpoint step {step} metadata in {self.directory}: {_first_line(e)}") from e
         return dict(restored.meta or {})
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        """Waits for a background save; raises :class:`CheckpointWriteError` if it failed."""
+        with self._write_errors(None):
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
+
+    def _write_errors(self, step: Optional[int]):
+        return _WriteErrors(self, step)
+
+
+class _WriteErrors:
+    """Turns a failed save into one :class:`CheckpointWriteError` line and removes the unfinished
+    checkpoint directories (Orbax's ``<step>.orbax-checkpoint-tmp``; the workdir lock guarantees no
+    other writer), so the directory holds only complete checkpoints."""
+
+    def __init__(self, ckpt: Checkpointer, step: Optional[int]):
+        self.ckpt, self.step = ckpt, step
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc is None or not isinstance(exc, Exception) or isinstance(exc, CheckpointWriteError):
+            return False
+        from ddpm_jax.workdir import remove_partial_checkpoints
+
+        with contextlib.suppress(Exception):  # let the save's other writes end before removing them
+            self.ckpt._manager.wait_until_finished()
+        if jax.process_index() == 0:
+            remove_partial_checkpoints(self.ckpt.directory)
+        what = f"checkpoint step {self.step}" if self.step is not None else "a checkpoint"
+        raise CheckpointWriteError(_os_errno(exc), f"cannot write {what} in {self.ckpt.directory}: {_os_reason(exc)}; "
+                                   "the partial checkpoint was removed and the earlier ones are intact") from exc
+
+
+def _first_line(e: BaseException, limit: int = 300) -> str:
+    """The first line of the innermost cause of ``e`` (Orbax wraps TensorStore's precise error,
+    e.g. ``... Data corruption detected``, in generic ones), cut to ``limit`` characters."""
+    while (e.__cause__ or e.__context__) is not None:
+        e = e.__cause__ or e.__context__
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:limit]
+
+
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
+
+
+def _os_errno(e: BaseException) -> Optional[int]:
+    if isinstance(e, OSError) and e.errno:
+        return e.errno
+    m = _OS_ERROR_CODE.search(str(e))
+    return int(m.group(1)) if m else None
+
+
+def _os_reason(e: BaseException) -> str:
+    """'No space left on device' for an OS error (Python's, or TensorStore's with its
+    ``os_error_code``); otherwise the error's first line."""
+    code = _os_errno(e)
+    return os.strerror(code) if code else _first_line(e)
+
+
+_NOISE = "Event loop is closed"
+_quiet_installed = False
+
+
+def _quiet_orbax_failure_noise() -> None:
+    """Keeps a failed Orbax save or restore to the one line the entry points print.
+
+    When one TensorStore read or write fails, Orbax closes its asyncio event loop while the other
+    reads/writes are still in flight; each of them then reports ``RuntimeError: Event loop is
+    closed`` from a TensorStore thread, and Orbax logs every failed write at ERROR with its
+    traceback — hundreds of tracebacks for one full disk. Those reports repeat the failure that
+    :class:`Checkpointer` already raises as one line, so they are dropped: the hooks below filter
+    exactly that RuntimeError, and ERROR records that come from Orbax's own modules. Anything
+    else passes through unchanged. Installed once per process."""
+    global _quiet_installed
+    if _quiet_installed:
+        return
+    _quiet_installed = True
+
+    def is_noise(exc) -> bool:
+        return isinstance(exc, RuntimeError) and str(exc) == _NOISE
+
+    def raised_in_orbax(tb) -> bool:
+        while tb is not None:
+            if f"{os.sep}orbax{os.sep}" in tb.tb_frame.f_code.co_filename:
+                return True
+            tb = tb.tb_next
+        return False
+
+    prev_except, prev_unraisable, prev_thread = sys.excepthook, sys.unraisablehook, threading.excepthook
+    sys.excepthook = lambda t, v, tb: None if is_noise(v) else prev_except(t, v, tb)
+    # an Orbax coroutine whose read or write failed, finalised after Orbax gave up on it
+    sys.unraisablehook = lambda u: (None if is_noise(u.exc_value) or raised_in_orbax(u.exc_traceback)
+                                    else prev_unraisable(u))
+    threading.excepthook = lambda a: None if is_noise(a.exc_value) else prev_thread(a)
+
+    class _OrbaxErrors(logging.Filter):
+        def filter(self, record):
+            if record.levelno < logging.ERROR:
+                return True
+            from_orbax = f"{os.sep}orbax{os.sep}" in (record.pathname or "")
+            mentions_orbax = record.name == "asyncio" and (  # a failed read's Future, finalised unretrieved
+                "orbax" in record.getMessage() or bool(record.exc_info and raised_in_orbax(record.exc_info[2])))
+            return not (from_orbax or mentions_orbax or is_noise(record.exc_info[1] if record.exc_info else None))
+
+    for name in ("absl", "asyncio", ""):
+        logging.getLogger(name).addFilter(_OrbaxErrors())
 
 
 #: The end of the error for a checkpoint whose arrays cannot be this model's.
@@ -171,7 +340,7 @@ def _check_shapes(restored, abstract, step, directory):
     want = jax.tree_util.tree_leaves(abstract)
     for g, w in zip(got, want):
         if tuple(g.shape) != tuple(w.shape):
-            raise CheckpointError(
+            raise CheckpointMismatchError(
                 f"checkpoint step {step} in {directory} holds an array of shape {tuple(g.shape)} where this "
                 f"model has {tuple(w.shape)}: {_OTHER_MODEL}"
             )

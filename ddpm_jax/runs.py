@@ -92,6 +92,21 @@ class Run:
         return jax.jit(fn, out_shardings=sharding)
 
 
+def _restore(ckpt: Checkpointer, config, step: int):
+    """(model, image_shape, state) of checkpoint ``step``, restored into the config's model."""
+    meta = ckpt.read_meta(step)
+    image_shape = tuple(meta["image_shape"])
+    model = build_model(config, image_shape)
+
+    def abstract_state():
+        params = model.init(jax.random.PRNGKey(0), jnp.zeros((1,) + image_shape), jnp.ones((1,)))["params"]
+        tx = make_optimizer(config.optim, steps_per_epoch=int(meta["steps_per_epoch"]), params=params)
+        return create_train_state(params, tx, jax.random.PRNGKey(0))
+
+    state, _ = ckpt.restore(jax.eval_shape(abstract_state), step)
+    return model, image_shape, state
+
+
 def load_run(workdir: str, step: Optional[int] = None) -> Run:
     """Restores ``step`` (default: the latest) of the run in ``workdir``.
 
@@ -107,19 +122,19 @@ def load_run(workdir: str, step: Optional[int] = None) -> Run:
     config = ml_collections.ConfigDict(cfg)
     ckpt = Checkpointer(ckpt_dir, every_steps=1, keep=10**6)
     try:
-        if ckpt.latest_step() is None:
-            raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
-        meta = ckpt.read_meta(step)
-        image_shape = tuple(meta["image_shape"])
-        model = build_model(config, image_shape)
-
-        def abstract_state():
-            params = model.init(jax.random.PRNGKey(0), jnp.zeros((1,) + image_shape), jnp.ones((1,)))["params"]
-            tx = make_optimizer(config.optim, steps_per_epoch=int(meta["steps_per_epoch"]), params=params)
-            return create_train_state(params, tx, jax.random.PRNGKey(0))
-
-        target = jax.eval_shape(abstract_state)
-        state, meta = ckpt.restore(target, step)
+        for attempt in range(5):
+            chosen = ckpt.latest_step() if step is None else step
+            if chosen is None:
+                raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
+            try:
+                model, image_shape, state = _restore(ckpt, config, chosen)
+                break
+            except CheckpointError:
+                # Beside a running trainer the latest checkpoint can be removed by its retention
+                # (checkpoint.keep) while it is read: then read the new latest. Otherwise: a failure.
+                if step is not None or attempt == 4 or os.path.isdir(os.path.join(ckpt_dir, str(chosen))):
+                    raise
+                ckpt.reload()
     finally:
         ckpt.close()
     return Run(config=config, model=model, schedule=build_schedule(config), params=state.params,

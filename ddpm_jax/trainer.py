@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import math
 import os
 import signal
 import sys
-import tempfile
 import time
 from typing import Any, Dict, Optional
 
@@ -27,9 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpm_jax import cpu_devices, data, objectives, plots, sampling, schedules
-from ddpm_jax.checkpointing import Checkpointer, read_config_json, write_config_json
-from ddpm_jax.config import ConfigError, validate_config
-from ddpm_jax.models import count_params, make_model, make_model_fn
+from ddpm_jax.checkpointing import Checkpointer, CheckpointError, read_config_json, write_config_json
+from ddpm_jax.config import ConfigError, schedule_from_config, validate_config
+from ddpm_jax.files import check_writable
+from ddpm_jax.workdir import WorkdirBusyError, WorkdirLock, prepare_workdir, remove_partial_checkpoints, set_aside
+from ddpm_jax.models import count_params, describe_model, make_model_fn, model_from_config
 from ddpm_jax.train_state import create_train_state, make_optimizer
 from ddpm_jax.train_step import Parallel, StepConfig
 from ddpm_jax.writers import MetricWriter, read_metrics
@@ -43,30 +45,18 @@ class NonFiniteError(RuntimeError):
 #: Config keys that must agree between a run and the checkpoints it resumes from.
 RESUME_MUST_MATCH = (
     "seed", "data.source", "data.name", "data.scale", "data.train_size", "data.val_size",
-    "schedule", "model.preset", "model.embed_dim", "model.num_groups", "model.fourier_scale",
-    "model.rho_head", "model.time_input", "objective", "optim", "train.batch_size",
+    "data.random_flip", "schedule", "model.name", "model.preset", "model.embed_dim", "model.num_groups",
+    "model.fourier_scale", "model.rho_head", "model.time_input", "model.ch", "model.ch_mult",
+    "model.num_res_blocks", "model.attn_resolutions", "model.dropout", "objective", "optim", "train.batch_size",
 )  # not model.conv_impl: how the convolutions are computed does not change the parameters
+
+#: What a key absent from an older run's config.json meant.
+RESUME_DEFAULTS = {"model.name": "scorenet", "data.random_flip": False}
 
 
 def _log(msg: str) -> None:
     if jax.process_index() == 0:
         print(msg, flush=True)
-
-
-def prepare_workdir(workdir: str) -> str:
-    """Creates ``workdir`` if needed; raises ConfigError (one line) if it is a file or not writable."""
-    if not workdir:
-        raise ConfigError("--workdir is empty: give a directory for checkpoints and outputs")
-    workdir = os.path.abspath(os.path.expanduser(workdir))
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise ConfigError(f"--workdir {workdir} exists and is not a directory")
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_test"):
-            pass
-    except OSError as e:
-        raise ConfigError(f"--workdir {workdir} is not writable: {e.strerror or e}") from None
-    return workdir
 
 
 def _get(d: Dict[str, Any], dotted: str):
@@ -77,28 +67,34 @@ def _get(d: Dict[str, Any], dotted: str):
     return d
 
 
+def _resume_value(cfg: Dict[str, Any], dotted: str):
+    """``cfg``'s value at ``dotted`` as JSON gives it back (tuples as lists), or its default."""
+    value = _get(cfg, dotted)
+    if value is None:
+        value = RESUME_DEFAULTS.get(dotted)
+    return json.loads(json.dumps(value))
+
+
 def _check_resume_compatible(saved: Optional[Dict[str, Any]], current: Dict[str, Any], workdir: str) -> None:
     if saved is None:
         return
-    diffs = [k for k in RESUME_MUST_MATCH if _get(saved, k) != _get(current, k)]
+    diffs = [k for k in RESUME_MUST_MATCH if _resume_value(saved, k) != _resume_value(current, k)]
     if diffs:
         k = diffs[0]
         raise ConfigError(
-            f"{workdir} holds checkpoints of a run with config.{k} = {_get(saved, k)!r}, but this run has "
-            f"{_get(current, k)!r}; use a new --workdir (or the same config) — nothing was overwritten"
+            f"{workdir} holds checkpoints of a run with config.{k} = {_resume_value(saved, k)!r}, but this run has "
+            f"{_resume_value(current, k)!r}; use a new --workdir (or the same config) — nothing was overwritten"
         )
 
 
 def build_schedule(config) -> schedules.Schedule:
-    kw = {k: v for k, v in config.schedule.items() if k not in ("name", "num_steps")}
-    return schedules.make_schedule(config.schedule.name, config.schedule.num_steps, **kw)
+    """The config's schedule (the schedule section's entries that ``schedule.name`` takes)."""
+    return schedule_from_config(config)
 
 
 def build_model(config, image_shape):
-    m = config.model
-    return make_model(m.preset, image_shape=image_shape, rho_head=m.rho_head, embed_dim=m.embed_dim,
-                      num_groups=m.num_groups, fourier_scale=m.fourier_scale,
-                      conv_impl=m.get("conv_impl", "xla"))  # runs saved before the key existed
+    """The network of ``config.model`` (either family, by ``model.name``) for images ``(H, W, C)``."""
+    return model_from_config(config.model, image_shape)
 
 
 @contextlib.contextmanager
@@ -127,20 +123,119 @@ def _stop_on_signals():
                 signal.signal(sig, h)
 
 
-def train_and_evaluate(config, workdir: str, *, arrays: Optional[Dict[str, np.ndarray]] = None, progress: bool = True) -> Dict[str, Any]:
+def train_and_evaluate(config, workdir: str, *, arrays: Optional[Dict[str, np.ndarray]] = None, progress: bool = True,
+                       restore_step: Optional[int] = None) -> Dict[str, Any]:
     """Trains (or resumes) the run described by ``config`` in ``workdir``.
 
     Args:
       config: an ml_collections ConfigDict like ``configs/mnist.py``'s.
-      workdir: output directory; an existing run there is resumed from its latest checkpoint.
+      workdir: output directory; an existing run there is resumed from its newest checkpoint that
+        restores (damaged newer ones are moved to ``checkpoints_set_aside/``, never deleted).
       arrays: in-memory data for ``data.source='arrays'`` (tests).
       progress: show a tqdm progress bar.
+      restore_step: resume from this checkpoint step instead; newer checkpoints are moved to
+        ``checkpoints_set_aside/`` and the metrics after it are dropped.
+
+    The workdir is locked for the whole run (:class:`ddpm_jax.workdir.WorkdirLock`): a second
+    trainer on it raises ``WorkdirBusyError`` before touching anything.
 
     Returns:
-      A summary dict: 'step', 'train_loss', 'val_loss', 'val_loss_ema', 'workdir', 'stopped_by'.
+      A summary dict: 'step', 'train_loss', 'val_loss', 'val_loss_ema', 'workdir', 'stopped_by'
+      ('SIGINT' | 'SIGTERM' | 'complete' when there was nothing left to train | None).
     """
     validate_config(config)
     workdir = prepare_workdir(workdir)
+    lock = _lock_workdir(workdir)
+    try:
+        return _train_and_evaluate(config, workdir, arrays=arrays, progress=progress, restore_step=restore_step)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _lock_workdir(workdir: str) -> Optional[WorkdirLock]:
+    """Process 0 locks the workdir; with several processes the outcome is broadcast, so that
+    either all of them go on or all raise."""
+    lock, error = None, None
+    if jax.process_index() == 0:
+        try:
+            lock = WorkdirLock(workdir).acquire()
+        except ConfigError as e:
+            error = e
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        ok = bool(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
+        if not ok and error is None:
+            error = WorkdirBusyError(f"{workdir} is in use by another trainer (process 0 could not lock it)")
+    if error is not None:
+        raise error
+    return lock
+
+
+def _sync(name: str) -> None:
+    """All processes wait here (a no-op with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _restore(config, workdir: str, ckpt_dir: str, state, restore_step: Optional[int]):
+    """(state, start step, Checkpointer): the run's checkpoints opened, unfinished saves removed,
+    and the newest checkpoint that restores (or ``restore_step``) loaded into ``state``.
+
+    Checkpoints that fail to restore, and with ``restore_step`` the newer ones, are moved to
+    ``checkpoints_set_aside/`` (one line each says which and where); nothing is deleted."""
+    is_main = jax.process_index() == 0
+    if is_main:
+        for path in remove_partial_checkpoints(ckpt_dir):
+            _log(f"removed {path}: an unfinished save of an interrupted run")
+    _sync("removed_partial_checkpoints")
+    ckpt = Checkpointer(ckpt_dir, every_steps=config.checkpoint.every_steps, keep=config.checkpoint.keep)
+    steps = ckpt.all_steps()
+    if restore_step is not None and restore_step not in steps:
+        ckpt.close()
+        raise CheckpointError(f"--restore_step={restore_step}: {ckpt_dir} has no checkpoint of that step "
+                              f"(it has: {', '.join(map(str, steps)) or 'none'})")
+    if not steps:
+        return state, 0, ckpt
+    damaged = {}
+    if restore_step is not None:
+        state, meta = ckpt.restore(state, restore_step)
+        start = restore_step
+    else:
+        state, meta, start, _ = ckpt.restore_newest(state, on_failure=lambda s, line: damaged.__setitem__(s, line))
+    moves = [(s, "damaged") for s in sorted(damaged)] + [(s, f"after-step-{start}") for s in steps if s > start and s not in damaged]
+    if is_main:
+        for s, reason in moves:
+            dest = set_aside(workdir, ckpt_dir, s, reason)
+            why = f"cannot be restored ({_reason(damaged[s])})" if s in damaged else f"is newer than --restore_step={start}"
+            _log(f"checkpoint step {s} {why}: moved to {dest}; resuming from step {start}")
+    if moves:
+        _sync("set_aside_checkpoints")
+        ckpt.reload()
+    _log(f"resumed from {ckpt_dir} at step {start} (epoch {meta.get('epoch')}, step-in-epoch {meta.get('step_in_epoch')})")
+    return state, int(start), ckpt
+
+
+def _abandon(writer: MetricWriter, ckpt: Checkpointer, ckpt_dir: str, is_main: bool) -> None:
+    """After an output failed to be written: ends the writers (a save still in flight included)
+    without a second error, and removes any unfinished checkpoint, leaving the complete ones."""
+    with contextlib.suppress(Exception):
+        writer.close()
+    with contextlib.suppress(Exception):
+        ckpt.close()
+    if is_main:
+        remove_partial_checkpoints(ckpt_dir)
+
+
+def _reason(line: str) -> str:
+    """A restore error without its 'cannot restore checkpoint step N from DIR: ' prefix."""
+    return line.split(": ", 1)[1] if line.startswith("cannot restore") and ": " in line else line
+
+
+def _train_and_evaluate(config, workdir: str, *, arrays, progress: bool, restore_step: Optional[int]) -> Dict[str, Any]:
     is_main = jax.process_index() == 0
     cfg_dict = config.to_dict()
 
@@ -170,7 +265,7 @@ def train_and_evaluate(config, workdir: str, *, arrays: Optional[Dict[str, np.nd
     init_key, train_key, sample_key, eval_key = jax.random.split(root, 4)
     params = jax.jit(model.init)(init_key, jnp.zeros((1,) + image_shape), jnp.ones((1,)))["params"]
     total, trainable = count_params(params)
-    _log(f"model: ScoreNet preset={config.model.preset} rho_head={config.model.rho_head} "
+    _log(f"model: {describe_model(config.model)} "
          f"params={total:,} (trainable {trainable:,}); objective={config.objective.name} "
          f"({config.objective.weighting}, {config.objective.reduction}); T={schedule.num_steps}")
     tx = make_optimizer(config.optim, steps_per_epoch=spe, params=params)
@@ -185,15 +280,27 @@ def train_and_evaluate(config, workdir: str, *, arrays: Optional[Dict[str, np.nd
     # jit: restore straight into the replicated (global, with several hosts) layout; pmap: on the host.
     state = par.put_state(state) if par.mode == "jit" else state
 
-    ckpt = Checkpointer(ckpt_dir, every_steps=config.checkpoint.every_steps, keep=config.checkpoint.keep)
-    start = 0
-    if ckpt.latest_step() is not None:
-        state, meta = ckpt.restore(state)
-        start = int(state.step)
-        _log(f"resumed from {ckpt_dir} at step {start} (epoch {meta.get('epoch')}, step-in-epoch {meta.get('step_in_epoch')})")
+    if is_main:  # room for at least one more checkpoint, before anything is compiled or trained
+        state_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(state))
+        check_writable(workdir, "--workdir", need_bytes=state_bytes + 2**20)
+    state, start, ckpt = _restore(config, workdir, ckpt_dir, state, restore_step)
+    if start > total_steps:
+        ckpt.close()
+        raise ConfigError(f"{workdir} holds a checkpoint at step {start}, past this run's last step {total_steps}: "
+                          "raise config.train.num_steps (or num_epochs), or resume an earlier step with --restore_step")
     if is_main:
         write_config_json(workdir, cfg_dict)
     writer = MetricWriter(workdir, enabled=is_main)
+    dropped = writer.resume_at(start) if start or os.path.exists(writer.path) else 0
+    if dropped:
+        _log(f"metrics.jsonl: dropped {dropped} row(s) after step {start} (the part of the earlier run that is being redone)")
+    if start == total_steps and os.path.exists(os.path.join(workdir, "samples", "final.png")):
+        _log(f"{workdir} is already complete at step {start} (train.num_steps / num_epochs): nothing to train; "
+             "raise train.num_steps or num_epochs to train further")
+        writer.close()
+        ckpt.close()
+        return {"step": start, "train_loss": math.nan, "val_loss": math.nan, "val_loss_ema": math.nan,
+                "workdir": workdir, "stopped_by": "complete"}
 
     # Sampler for the grids: one compiled lax.scan, EMA params, fixed noise across epochs.
     n_grid = config.train.num_grid_samples
@@ -231,7 +338,8 @@ def train_and_evaluate(config, workdir: str, *, arrays: Optional[Dict[str, np.nd
                 "image_shape": list(image_shape)}
 
     iterator = data.BatchIterator(splits.train, batch_size, seed=config.seed, start_step=start,
-                                  process_index=jax.process_index(), process_count=jax.process_count())
+                                  process_index=jax.process_index(), process_count=jax.process_count(),
+                                  random_flip=config.data.get("random_flip", False))
     state_dev = par.put_state(state)
     del state
     last_train, last_eval = float("nan"), {}
@@ -248,6 +356,7 @@ def train_and_evaluate(config, workdir: str, *, arrays: Optional[Dict[str, np.nd
     bar = tqdm(total=total_steps, initial=start, unit="step", dynamic_ncols=True, disable=not (progress and is_main),
                file=sys.stderr, desc="train")
     step = start
+    write_failed = False
     with _stop_on_signals() as flag:
         try:
             while step < total_steps:
@@ -296,12 +405,18 @@ def train_and_evaluate(config, workdir: str, *, arrays: Optional[Dict[str, np.nd
                 if flag["stop"]:
                     stopped_by = flag["stop"]
                     break
+        except OSError:  # a full disk or lost permissions: no final save, the earlier checkpoints stand
+            write_failed = True
+            raise
         finally:
             bar.close()
             final = par.get_state(state_dev)
-            if ckpt.latest_step() != step and stopped_by != "nonfinite":
-                ckpt.save(step, final, meta_for(step), force=True)
-            ckpt.wait()
+            if not write_failed:
+                if ckpt.latest_step() != step and stopped_by != "nonfinite":
+                    ckpt.save(step, final, meta_for(step), force=True)
+                ckpt.wait()
+            else:
+                _abandon(writer, ckpt, ckpt_dir, is_main)
     if stopped_by == "nonfinite":
         writer.close()
         ckpt.close()

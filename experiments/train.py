@@ -1,20 +1,21 @@
 """Train a DDPM: ``python -m experiments.train --config configs/mnist.py --workdir runs/mnist``.
 
 Any config key can be overridden, e.g. ``--config.train.batch_size=128``; offline data:
-``--config.data.source=idx --config.data.path=../shared/data/mnist``. Running the same command
-again resumes from the latest checkpoint in ``--workdir``.
+``--config.data.source=idx --config.data.path=DIR``. Running the same command again resumes from
+the newest checkpoint in ``--workdir`` that restores (``--restore_step=N`` picks one). One
+trainer at a time holds a workdir; exit codes are listed in ``experiments/cli.py``.
 
 Multi-host: start one process per host with ``--distributed`` (the cluster is detected on SLURM
 and TPU VMs) or with ``--coordinator_address=HOST:PORT --num_processes=N --process_id=I``; all
 processes need the same command and a shared ``--workdir``. See README.md.
 """
 
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from ddpm_jax.checkpointing import CheckpointError
+from experiments import cli
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file, e.g. configs/mnist.py or configs/mnist.py:mean.", lock_config=True)
@@ -27,6 +28,8 @@ flags.DEFINE_integer("process_id", None, "Multi-host: this process's index in 0.
 flags.DEFINE_integer("cpu_devices", 0, "CPU only: JAX devices to split each batch over; 0 = one per core (the largest count "
                      "<= the cores that divides the batch; 1 with --distributed). XLA_FLAGS' "
                      "--xla_force_host_platform_device_count wins. No effect on GPU/TPU.", lower_bound=0)
+flags.DEFINE_integer("restore_step", None, "Resume from this checkpoint step instead of the newest; newer checkpoints are "
+                     "moved to <workdir>/checkpoints_set_aside/ (not deleted) and their metrics rows dropped.", lower_bound=0)
 flags.mark_flags_as_required(["config"])
 
 
@@ -60,16 +63,17 @@ def main(argv):
     _init_devices()
     from ddpm_jax.trainer import NonFiniteError, train_and_evaluate
 
+    from ddpm_jax.files import os_error_line
+
     try:
-        train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        train_and_evaluate(FLAGS.config, FLAGS.workdir, restore_step=FLAGS.restore_step)
     except (ValueError, FileNotFoundError, CheckpointError) as e:
-        # Bad input: one clear line, no traceback, non-zero exit.
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        cli.fail(str(e), cli.EXIT_BAD_INPUT)  # bad input: one clear line, no traceback
     except NonFiniteError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(3)
+        cli.fail(str(e), cli.EXIT_NONFINITE)
+    except OSError as e:  # full disk, read-only filesystem, permissions
+        cli.fail(os_error_line(e), cli.EXIT_WRITE_FAILED)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)
