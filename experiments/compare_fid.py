@@ -21,6 +21,8 @@ import sys
 import numpy as np
 from absl import app, flags
 
+from experiments import cli
+
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("samples", None, "NAME=PATH of a samples.npz (repeat for each set).")
 flags.DEFINE_integer("num", 1000, "N: samples and real images per FID.", lower_bound=2)
@@ -82,4 +84,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -6,18 +6,21 @@ and the lecture's sample-quality metrics.
     python -m experiments.evaluate --workdir runs/mnist --samples runs/mnist/samples/eps_ddpm/samples.npz
 
 Samples are drawn with the sampling module (EMA params by default) unless ``--samples`` gives a
-``samples.npz`` from ``experiments.sample``. Prints a table and writes
-``<workdir>/eval/<sampler>_n<N>.json`` (or ``--out``).
+``samples.npz`` from ``experiments.sample`` (or an ``.npy`` array). Prints a table and writes
+``<workdir>/eval/<sampler>_n<N>.json`` (or ``--out``), atomically.
+
+Given samples are checked before any work (``ddpm_jax.sample_files``): the file, the ``samples``
+key, dtype, shape, finiteness and value range in the run's data scale; each problem is one
+``error:`` line and exit 2. ``--allow_out_of_range`` evaluates samples that leave the range as
+they are. Evaluation needs no lock and works beside a running trainer.
 """
 
-import json
 import os
-import sys
 import time
 
 from absl import app, flags
 
-from experiments import sampler_flags
+from experiments import cli, sampler_flags
 
 FLAGS = flags.FLAGS
 sampler_flags.define(num=10000, batch_size=500, min_num=2)  # --num: samples, and real images per comparison
@@ -27,6 +30,8 @@ flags.DEFINE_string("samples", None, "Evaluate these samples (an .npz with 'samp
 flags.DEFINE_string("data_source", None, "Override the run's config.data.source (e.g. idx).")
 flags.DEFINE_string("data_path", None, "Override the run's config.data.path.")
 flags.DEFINE_string("out", None, "Where to write the JSON report.")
+flags.DEFINE_bool("allow_out_of_range", False, "Evaluate --samples whose values lie outside the run's data range "
+                  "(by more than ddpm_jax.sample_files allows) as they are, instead of refusing them.")
 
 
 def main(argv):
@@ -39,25 +44,36 @@ def main(argv):
     from ddpm_jax import data, sampling
     from ddpm_jax.checkpointing import CheckpointError
     from ddpm_jax.evaluation import evaluate_samples, format_report
+    from ddpm_jax.files import check_writable, os_error_line, write_json
     from ddpm_jax.runs import sampling_tag
+    from ddpm_jax.sample_files import SamplesError, check_samples, load_samples
 
     try:
         run, opts = sampler_flags.run_and_options()
-        splits = data.splits_from_config(run.config, source=FLAGS.data_source, path=FLAGS.data_path)
         given = None
-        if FLAGS.samples:
-            if not os.path.exists(FLAGS.samples):
-                raise FileNotFoundError(f"--samples {FLAGS.samples} does not exist")
-            given = np.load(FLAGS.samples)["samples"]
+        if FLAGS.samples:  # the file first: a bad one is refused before the data are loaded
+            given, file_scale = load_samples(FLAGS.samples)
+        splits = data.splits_from_config(run.config, source=FLAGS.data_source, path=FLAGS.data_path)
+        if given is not None:
+            try:
+                given = check_samples(given, image_shape=splits.image_shape, scale=run.data_scale, file_scale=file_scale,
+                                      real_mean=float(splits.train.mean()), check_range=not FLAGS.allow_out_of_range)
+            except SamplesError as e:
+                raise SamplesError(f"--samples {FLAGS.samples}: {e}") from None
             if given.shape[0] < FLAGS.num:
-                raise ValueError(f"--samples holds {given.shape[0]} samples, fewer than --num={FLAGS.num}")
+                raise ValueError(f"--samples {FLAGS.samples} holds {given.shape[0]} samples, fewer than --num={FLAGS.num}")
     except (ValueError, FileNotFoundError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        cli.fail(str(e))
+
+    tag = sampling_tag(opts) if given is None else os.path.splitext(os.path.basename(os.path.dirname(os.path.abspath(FLAGS.samples))))[0]
+    out = os.path.abspath(FLAGS.out or os.path.join(run.workdir, "eval", f"{tag}_n{FLAGS.num}.json"))
+    try:
+        check_writable(os.path.dirname(out), "--out's directory" if FLAGS.out else "the eval directory", need_bytes=2**20)
+    except OSError as e:
+        cli.fail(os_error_line(e), cli.EXIT_WRITE_FAILED)
 
     key = jax.random.PRNGKey(FLAGS.seed)
     ema = FLAGS.params == "ema"
-    tag = sampling_tag(opts) if given is None else os.path.splitext(os.path.basename(os.path.dirname(os.path.abspath(FLAGS.samples))))[0]
     print(f"run {run.workdir} step {run.step}; {'samples from ' + FLAGS.samples if given is not None else tag}; N = {FLAGS.num}", flush=True)
     timing = {}
     if given is None:
@@ -75,13 +91,13 @@ def main(argv):
     timing["metrics_s"] = time.time() - t0
     report.update({"workdir": run.workdir, "step": run.step, "params": FLAGS.params, "sampler": {k: v for k, v in opts.items() if k != "clip_x0"},
                    "clip_x0": opts["clip_x0"], "timing": timing})
-    out = os.path.abspath(FLAGS.out or os.path.join(run.workdir, "eval", f"{tag}_n{FLAGS.num}.json"))
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(report, f, indent=2)
+    try:
+        write_json(out, report)
+    except OSError as e:
+        cli.fail(os_error_line(e), cli.EXIT_WRITE_FAILED)
     print(format_report(report))
     print(f"-> {out}", flush=True)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -12,6 +12,8 @@ Config overrides work as in ``experiments.train`` (``--config.model.ch=64``); a 
 import sys
 
 from absl import app, flags
+
+from experiments import cli
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
@@ -100,14 +102,6 @@ def summarise(config, shape):
     return lines
 
 
-def _parse_flags(argv):
-    try:
-        return FLAGS(argv)
-    except flags.Error as e:
-        print(f"error: {str(e).splitlines()[0] if str(e) else e}", file=sys.stderr)
-        sys.exit(2)
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -120,4 +114,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=cli.parse_flags)

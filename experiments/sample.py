@@ -9,15 +9,20 @@ compiled ``lax.scan`` serves every batch) with a progress bar, and writes
 to [0, 1] and clipped) and ``<out>/grid.png`` (the first 100). ``<out>`` defaults to
 ``<workdir>/samples/<tag>`` with ``ddpm_jax.runs.sampling_tag``'s name for the options
 (e.g. ``eps_ddpm``, ``eps_ddpm_posterior``, ``ddim_steps50_eta0``).
+
+The output directory is checked writable (with room for the file) before sampling starts, and
+both files are written to a temporary name and renamed: an interrupted run leaves the earlier
+``samples.npz`` and ``grid.png`` as they were. Sampling needs no lock and works beside a running
+trainer (it reads the newest complete checkpoint).
 """
 
+import math
 import os
-import sys
 import time
 
 from absl import app, flags
 
-from experiments import sampler_flags
+from experiments import cli, sampler_flags
 
 FLAGS = flags.FLAGS
 sampler_flags.define(num=1000, batch_size=250)
@@ -43,17 +48,23 @@ def main(argv):
 
     from ddpm_jax import data, plots, sampling
     from ddpm_jax.checkpointing import CheckpointError
+    from ddpm_jax.files import check_writable, os_error_line
     from ddpm_jax.runs import sampling_tag
+    from ddpm_jax.sample_files import save_samples
 
     try:
         run, opts = sampler_flags.run_and_options()
     except (ValueError, FileNotFoundError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        cli.fail(str(e))
 
     method, clip = opts["method"], opts["clip_x0"] is not None
     out = os.path.abspath(FLAGS.out or os.path.join(run.workdir, "samples", sampling_tag(opts)))
-    os.makedirs(out, exist_ok=True)
+    # samples and their [0, 1] copy, float32, uncompressed at worst, plus the grid: room for twice that
+    need = 2 * 2 * FLAGS.num * math.prod(run.image_shape) * 4 + 2**20
+    try:
+        check_writable(out, "--out" if FLAGS.out else "the samples directory", need_bytes=need)
+    except OSError as e:
+        cli.fail(os_error_line(e), cli.EXIT_WRITE_FAILED)
     one_batch = run.make_sampler(FLAGS.batch_size, opts, ema=FLAGS.params == "ema")
 
     print(f"run {run.workdir} step {run.step} ({FLAGS.params} params); {method}{' (x̂_0 clipped)' if clip else ''}, "
@@ -65,12 +76,15 @@ def main(argv):
     t0 = time.time()
     x = sampling.sample_in_batches(compiled, FLAGS.num, FLAGS.batch_size, jax.random.PRNGKey(FLAGS.seed))
     dt = time.time() - t0
-    images = np.asarray(data.unscale_images(x, run.data_scale))
-    np.savez_compressed(os.path.join(out, "samples.npz"), samples=x, images=images)
-    plots.save_image_grid(images[:100], os.path.join(out, "grid.png"), title=f"{method}, step {run.step}")
+    try:
+        save_samples(os.path.join(out, "samples.npz"), np.asarray(x), scale=run.data_scale)
+        images = np.asarray(data.unscale_images(x[:100], run.data_scale))
+        plots.save_image_grid(images, os.path.join(out, "grid.png"), title=f"{method}, step {run.step}")
+    except OSError as e:
+        cli.fail(os_error_line(e), cli.EXIT_WRITE_FAILED)
     print(f"{FLAGS.num} samples in {dt:.1f}s ({FLAGS.num / dt:.1f} images/s; compile {t_compile:.1f}s) -> "
           f"{out}/samples.npz, {out}/grid.png", flush=True)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

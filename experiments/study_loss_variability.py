@@ -30,6 +30,7 @@ import time
 import numpy as np
 from absl import app
 
+from experiments import cli
 from experiments import study_runs as sr
 
 FLAGS = sr.FLAGS
@@ -158,4 +159,4 @@ def _figure(results, d_pixels, path):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -18,6 +18,7 @@ from typing import Dict, List
 import numpy as np
 from absl import app
 
+from experiments import cli
 from experiments import study_runs as sr
 
 FLAGS = sr.FLAGS
@@ -78,4 +79,4 @@ def main(argv):
 
 if __name__ == "__main__":
     sr.define_flags("methods")
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -13,6 +13,7 @@ import os
 
 from absl import app
 
+from experiments import cli
 from experiments import study_methods
 from experiments import study_runs as sr
 
@@ -48,4 +49,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -14,6 +14,7 @@ import os
 
 from absl import app
 
+from experiments import cli
 from experiments import study_runs as sr
 
 FLAGS = sr.FLAGS
@@ -81,4 +82,4 @@ def figures(out: dict, workdir: str) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

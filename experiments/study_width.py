@@ -15,6 +15,7 @@ import os
 import numpy as np
 from absl import app
 
+from experiments import cli
 from experiments import study_runs as sr
 
 FLAGS = sr.FLAGS
@@ -72,4 +73,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

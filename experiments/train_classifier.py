@@ -17,6 +17,8 @@ import time
 
 from absl import app, flags, logging
 
+from experiments import cli
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data_path", None, "Directory of MNIST IDX files (train-images-idx3-ubyte.gz, ...).")
 flags.DEFINE_string("out", "ddpm_jax/metrics/weights/mnist_classifier.msgpack", "Output weights file.")
@@ -155,4 +157,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)
