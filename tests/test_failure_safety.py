@@ -40,6 +40,8 @@ def _tree_digest(directory) -> dict:
     out = {}
     for root, _, files in os.walk(directory):
         for f in files:
+            if f == "train.lock":  # the lock file records its last holder; not a result
+                continue
             p = os.path.join(root, f)
             out[os.path.relpath(p, directory)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
     return out
