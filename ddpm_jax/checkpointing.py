@@ -19,9 +19,10 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
 import threading
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import jax
 import orbax.checkpoint as ocp
@@ -30,7 +31,10 @@ from ddpm_jax import cpu_devices
 from ddpm_jax.files import OutputError, write_json
 
 __all__ = ["Checkpointer", "CheckpointError", "CheckpointMismatchError", "CheckpointWriteError", "async_save_is_safe",
-           "write_config_json", "read_config_json"]
+           "write_config_json", "read_config_json", "remove_partial_checkpoints"]
+
+#: Orbax's suffix for a checkpoint directory still being written.
+PARTIAL_SUFFIX = ".orbax-checkpoint-tmp"
 
 
 class CheckpointError(RuntimeError):
@@ -142,17 +146,14 @@ class Checkpointer:
         _check_shapes(restored.state, abstract, step, self.directory)
         return restored.state, dict(restored.meta or {})
 
-    def restore_newest(self, target, *,
-                       on_failure: Optional[Callable[[int, str], None]] = None) -> Tuple[Any, Dict[str, Any], int, List[int]]:
-        """Restores the newest checkpoint that can be read.
-
-        A checkpoint that fails to restore is reported through ``on_failure(step, line)`` and the
-        next older one is tried. A checkpoint of another model (:class:`CheckpointMismatchError`)
-        stops the search at once: that is a wrong workdir, not damage.
+    def restore_newest(self, target) -> Tuple[Any, Dict[str, Any], int, Dict[int, str]]:
+        """Restores the newest checkpoint that can be read, trying older ones past those that fail.
+        A checkpoint of another model (:class:`CheckpointMismatchError`) stops the search at once:
+        that is a wrong workdir, not damage.
 
         Returns:
-          ``(state, meta, step, failed_steps)``: the restored state and its step, and the newer
-          steps that could not be read (left in place: the caller decides what to do with them).
+          ``(state, meta, step, failed)``: the restored state and its step, and ``{step: line}``
+          for the newer checkpoints that could not be read (left in place for the caller).
 
         Raises:
           CheckpointError: no checkpoint could be restored; the message gives the newest one's reason.
@@ -160,21 +161,18 @@ class Checkpointer:
         steps = self.all_steps()
         if not steps:
             raise CheckpointError(f"no checkpoint in {self.directory}")
-        failed, reasons = [], []
+        failed: Dict[int, str] = {}
         for step in reversed(steps):
             try:
                 state, meta = self.restore(target, step)
             except CheckpointMismatchError:
                 raise
             except CheckpointError as e:
-                failed.append(step)
-                reasons.append(str(e))
-                if on_failure is not None:
-                    on_failure(step, str(e))
+                failed[step] = str(e)
                 continue
             return state, meta, step, failed
         raise CheckpointError(f"none of the {len(steps)} checkpoints in {self.directory} can be restored "
-                              f"(newest: {reasons[0]}); nothing was changed")
+                              f"(newest: {failed[steps[-1]]}); nothing was changed")
 
     def _check_saved_shapes(self, abstract, step: int) -> None:
         """Raises :class:`CheckpointMismatchError` before any array is read when the checkpoint's
@@ -217,33 +215,35 @@ class Checkpointer:
         finally:
             self._manager.close()
 
+    @contextlib.contextmanager
     def _write_errors(self, step: Optional[int]):
-        return _WriteErrors(self, step)
+        """Turns a failed save into one :class:`CheckpointWriteError` line and removes the
+        unfinished checkpoint directories (the workdir lock guarantees no other writer), so the
+        directory holds only complete checkpoints."""
+        try:
+            yield
+        except CheckpointWriteError:
+            raise
+        except Exception as e:
+            with contextlib.suppress(Exception):  # let the save's other writes end before removing them
+                self._manager.wait_until_finished()
+            if jax.process_index() == 0:
+                remove_partial_checkpoints(self.directory)
+            what = f"checkpoint step {step}" if step is not None else "a checkpoint"
+            raise CheckpointWriteError(_os_errno(e), f"cannot write {what} in {self.directory}: {_os_reason(e)}; "
+                                       "the partial checkpoint was removed and the earlier ones are intact") from e
 
 
-class _WriteErrors:
-    """Turns a failed save into one :class:`CheckpointWriteError` line and removes the unfinished
-    checkpoint directories (Orbax's ``<step>.orbax-checkpoint-tmp``; the workdir lock guarantees no
-    other writer), so the directory holds only complete checkpoints."""
-
-    def __init__(self, ckpt: Checkpointer, step: Optional[int]):
-        self.ckpt, self.step = ckpt, step
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc is None or not isinstance(exc, Exception) or isinstance(exc, CheckpointWriteError):
-            return False
-        from ddpm_jax.workdir import remove_partial_checkpoints
-
-        with contextlib.suppress(Exception):  # let the save's other writes end before removing them
-            self.ckpt._manager.wait_until_finished()
-        if jax.process_index() == 0:
-            remove_partial_checkpoints(self.ckpt.directory)
-        what = f"checkpoint step {self.step}" if self.step is not None else "a checkpoint"
-        raise CheckpointWriteError(_os_errno(exc), f"cannot write {what} in {self.ckpt.directory}: {_os_reason(exc)}; "
-                                   "the partial checkpoint was removed and the earlier ones are intact") from exc
+def remove_partial_checkpoints(checkpoint_dir: str) -> list:
+    """Removes Orbax's unfinished checkpoint directories (``<step>.orbax-checkpoint-tmp*``) in
+    ``checkpoint_dir``. Only safe while holding the workdir's lock (no other writer). Returns
+    the removed paths."""
+    if not os.path.isdir(checkpoint_dir):
+        return []
+    removed = [os.path.join(checkpoint_dir, n) for n in os.listdir(checkpoint_dir) if PARTIAL_SUFFIX in n]
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
 
 
 def _first_line(e: BaseException, limit: int = 300) -> str:

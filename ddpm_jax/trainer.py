@@ -27,10 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpm_jax import cpu_devices, data, objectives, plots, sampling, schedules
-from ddpm_jax.checkpointing import Checkpointer, CheckpointError, read_config_json, write_config_json
+from ddpm_jax.checkpointing import (Checkpointer, CheckpointError, read_config_json, remove_partial_checkpoints,
+                                    write_config_json)
 from ddpm_jax.config import ConfigError, schedule_from_config, validate_config
 from ddpm_jax.files import check_writable
-from ddpm_jax.workdir import WorkdirBusyError, WorkdirLock, prepare_workdir, remove_partial_checkpoints, set_aside
+from ddpm_jax.workdir import WorkdirBusyError, WorkdirLock, prepare_workdir, set_aside
 from ddpm_jax.models import count_params, describe_model, make_model_fn, model_from_config
 from ddpm_jax.train_state import create_train_state, make_optimizer
 from ddpm_jax.train_step import Parallel, StepConfig
@@ -205,7 +206,7 @@ def _restore(config, workdir: str, ckpt_dir: str, state, restore_step: Optional[
         state, meta = ckpt.restore(state, restore_step)
         start = restore_step
     else:
-        state, meta, start, _ = ckpt.restore_newest(state, on_failure=lambda s, line: damaged.__setitem__(s, line))
+        state, meta, start, damaged = ckpt.restore_newest(state)
     moves = [(s, "damaged") for s in sorted(damaged)] + [(s, f"after-step-{start}") for s in steps if s > start and s not in damaged]
     if is_main:
         for s, reason in moves:
@@ -291,7 +292,7 @@ def _train_and_evaluate(config, workdir: str, *, arrays, progress: bool, restore
     if is_main:
         write_config_json(workdir, cfg_dict)
     writer = MetricWriter(workdir, enabled=is_main)
-    dropped = writer.resume_at(start) if start or os.path.exists(writer.path) else 0
+    dropped = writer.resume_at(start)
     if dropped:
         _log(f"metrics.jsonl: dropped {dropped} row(s) after step {start} (the part of the earlier run that is being redone)")
     if start == total_steps and os.path.exists(os.path.join(workdir, "samples", "final.png")):

@@ -24,13 +24,10 @@ from typing import Optional
 from ddpm_jax.config import ConfigError
 from ddpm_jax.files import OutputError, check_writable
 
-__all__ = ["prepare_workdir", "WorkdirLock", "WorkdirBusyError", "LOCK_NAME", "SET_ASIDE_DIR", "set_aside",
-           "remove_partial_checkpoints"]
+__all__ = ["prepare_workdir", "WorkdirLock", "WorkdirBusyError", "LOCK_NAME", "SET_ASIDE_DIR", "set_aside"]
 
 LOCK_NAME = "train.lock"
 SET_ASIDE_DIR = "checkpoints_set_aside"
-#: Orbax's suffix for a checkpoint directory still being written.
-PARTIAL_SUFFIX = ".orbax-checkpoint-tmp"
 
 
 class WorkdirBusyError(ConfigError):
@@ -52,7 +49,7 @@ class WorkdirLock:
     or by the OS when the process ends.
 
     The file records the holder (pid, host, start time, command) so that a refused trainer can
-    name it. Use as a context manager, or ``acquire()`` / ``release()``.
+    name it: ``acquire()``, then ``release()``.
     """
 
     def __init__(self, workdir: str):
@@ -95,16 +92,6 @@ class WorkdirLock:
             os.close(self._fd)
             self._fd = None
 
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
-    def __enter__(self) -> "WorkdirLock":
-        return self.acquire() if self._fd is None else self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
 
 def set_aside(workdir: str, checkpoint_dir: str, step: int, reason: str) -> str:
     """Moves ``checkpoint_dir/<step>`` to ``workdir/checkpoints_set_aside/<step>-<reason>``
@@ -118,19 +105,3 @@ def set_aside(workdir: str, checkpoint_dir: str, step: int, reason: str) -> str:
         dest = os.path.join(dest_dir, f"{step}-{reason}-{k}")
     shutil.move(src, dest)
     return dest
-
-
-def remove_partial_checkpoints(checkpoint_dir: str, step: Optional[int] = None) -> list:
-    """Removes Orbax's unfinished checkpoint directories (``<step>.orbax-checkpoint-tmp*``) in
-    ``checkpoint_dir`` — of one ``step``, or all. Only safe while holding the workdir's lock (no
-    other writer). Returns the removed paths."""
-    removed = []
-    if not os.path.isdir(checkpoint_dir):
-        return removed
-    for name in os.listdir(checkpoint_dir):
-        head, sep, _ = name.partition(PARTIAL_SUFFIX)
-        if sep and (step is None or head == str(step)):
-            path = os.path.join(checkpoint_dir, name)
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-    return removed
