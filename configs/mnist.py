@@ -30,9 +30,10 @@ def get_config(variant: str = "eps") -> ml_collections.ConfigDict:
     c.seed = 0
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "tfds"  # 'tfds' (downloads; needs internet) | 'idx' (a directory of IDX files)
-    c.data.name = "mnist"  # TFDS dataset name: mnist, fashion_mnist, cifar10, ...
-    c.data.path = ""  # IDX directory for source=idx; optional TFDS data_dir for source=tfds
+    c.data.source = "auto"  # IDX files: data.path if given, else the per-user cache (downloaded once); see ddpm_jax.data.sources
+    c.data.name = "mnist"  # mnist, fashion_mnist (downloaded as IDX files), or any TFDS name (cifar10, ...)
+    c.data.path = ""  # a directory of IDX files (or of images for source=folder; TFDS data_dir for TFDS)
+    c.data.url = ""  # a mirror of the IDX files to download from ('' : the published ones)
     c.data.scale = "[0,1]"  # '[0,1]' (the notebook) | '[-1,1]'
     c.data.train_size = 50_000  # the notebook pools all 70,000 MNIST images, then splits 50k/20k
     c.data.val_size = 20_000

@@ -108,8 +108,11 @@ def validate_config(config) -> None:
     _int(config, "seed", minimum=0)
 
     source = _choice(config, "data.source", data.SOURCES)
-    if source == "idx" and not _get(config, "data.path"):
-        raise ConfigError("config.data.path is empty: data.source='idx' needs the directory of IDX files")
+    if source in ("idx", "folder") and not _get(config, "data.path"):
+        what = "the directory of IDX files" if source == "idx" else "the directory of images"
+        raise ConfigError(f"config.data.path is empty: data.source='{source}' needs {what}")
+    if not isinstance(_get(config, "data").get("url", ""), str):  # absent: the published mirrors
+        raise ConfigError(f"config.data.url = {_get(config, 'data').get('url')!r}: must be a URL string ('' for the published mirrors)")
     _choice(config, "data.scale", data.SCALES)
     if not isinstance(_get(config, "data").get("random_flip", False), bool):  # absent: False
         raise ConfigError(f"config.data.random_flip = {_get(config, 'data').get('random_flip')!r}: must be True or False")
