@@ -23,6 +23,7 @@ setup(
         "absl-py>=1.4",
         "tqdm>=4.64",
         "matplotlib>=3.7",
+        "pillow>=13.0",  # data.source=folder (also a matplotlib dependency)
         "tensorboardX>=2.6",
     ],
     extras_require={
