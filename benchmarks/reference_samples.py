@@ -1,10 +1,11 @@
-"""Samples from the notebook's PyTorch code (../shared/bench), for like-for-like quality comparisons.
+"""Samples from the notebook's PyTorch code (the reference implementation, docs/source_material.md),
+for like-for-like quality comparisons.
 
 Not part of the package and not imported by it: run it with the reference's own environment
-(see ../shared/bench/README.md), after its ``quality`` command has trained and saved weights:
+(REF: its directory; MNIST: the IDX files), after its ``quality`` command has trained and saved weights:
 
-    cd ../shared/bench && GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=17179869184 \\
-        /tmp/venv-torch/bin/python bench_torch_seed.py --mnist-dir ../data/mnist quality --no-val --budget-s 100000 \\
+    cd $REF && GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=17179869184 \\
+        /tmp/venv-torch/bin/python bench_torch_seed.py --mnist-dir $MNIST quality --no-val --budget-s 100000 \\
         --save-pt /tmp/ref/ref.pt --png /tmp/ref/ref.png
     /tmp/venv-torch/bin/python benchmarks/reference_samples.py /tmp/ref/ref.pt /tmp/ref/samples.npz 10000
 

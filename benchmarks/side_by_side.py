@@ -1,4 +1,4 @@
-"""Ours against the reference (the source notebook's PyTorch code in ../shared/bench), alternating
+"""Ours against the reference (the source notebook's PyTorch code, docs/source_material.md), alternating
 in short rounds so that a machine whose speed drifts slows both alike.
 
     python -m benchmarks.side_by_side --torch_python /tmp/venv-torch/bin/python          # ~15 min
@@ -162,9 +162,9 @@ def _table(rows: Sequence[dict]) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--torch_python", required=True, help="a Python with PyTorch (see ../shared/bench/README.md)")
+    ap.add_argument("--torch_python", required=True, help="a Python with PyTorch")
     ap.add_argument("--bench_dir", default=os.path.join(REPO, "..", "shared", "bench"),
-                    help="the reference's folder (default ../shared/bench)")
+                    help="the reference implementation's folder (default: ../shared/bench beside the checkout)")
     ap.add_argument("--mnist_dir", default=None, help="MNIST IDX files for the reference (default <bench_dir>/../data/mnist)")
     ap.add_argument("--quantity", choices=list(QUANTITIES), action="append", help="default: all")
     ap.add_argument("--rounds", type=int, default=4)

@@ -8,7 +8,7 @@
 
 ``:<study>`` is the source's budget (60 epochs on the 50,000-image split, like configs/mnist.py);
 ``:<study>_cpu`` is the smaller budget the results page was run at on a 2-core CPU. Offline data:
-``--config.data.source=idx --config.data.path=../shared/data/mnist``; any key can be overridden.
+``--config.data.source=idx --config.data.path=DIR`` (a directory of the MNIST IDX files); any key can be overridden.
 
 Keys every study has: ``data.{source,path}`` (given to every run it trains), ``seed``;
 ``train.{num_epochs,num_steps,batch_size,train_size,val_size,decay_every_epochs}``: the training

@@ -1,6 +1,6 @@
 """ddpm_jax: denoising diffusion probabilistic models in JAX/Flax.
 
-The functional API (pure, jit-safe; see DESIGN.md for the conventions):
+The functional API (pure, jit-safe; docs/conventions.md gives the conventions):
 
   ddpm_jax.schedules   make_schedule, Schedule
   ddpm_jax.diffusion   q_sample, q_sample_pair, q_posterior, conversions between ε, x_0, v, μ

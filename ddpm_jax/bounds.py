@@ -11,7 +11,7 @@ prior p(x_T) = N(0, I), the negative ELBO decomposes as (Ho et al. 2020, eq. 5)
 
 and E_{x_0}[−ELBO] ≥ H(x_0), the data entropy (a cross-entropy bounds the entropy).
 
-Arrays follow DESIGN.md: per-t terms have length T+1 indexed by t, where ``terms[:, t]`` is the
+Arrays follow docs/conventions.md: per-t terms have length T+1 indexed by t, where ``terms[:, t]`` is the
 term contributed by step t — L_{t−1} for t ≥ 2, the decoder L_0 for t = 1 — and
 ``terms[:, 0] = 0``. The prior L_T is returned separately. Each L_{t−1} is a one-sample Monte
 Carlo estimate over x_t (unbiased); the prior term is exact.

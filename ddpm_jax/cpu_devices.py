@@ -73,7 +73,7 @@ def configure(requested: int = 0, batch_sizes: Iterable[int] = ()) -> Optional[i
         # fault, a descheduled vCPU). The likelier cause is a deadlock in XLA:CPU's device thread
         # pool when steps are queued ahead (docs/performance.md), which still aborts, 10 minutes
         # later: the training loop avoids it with a DispatchWindow; a larger pool (NPROC) would
-        # too but costs ~20 % through intra-op threads, so it is not set here.
+        # too but slows every step through intra-op threads, so it is not set here.
         os.environ["XLA_FLAGS"] = (flags + f" {COLLECTIVE_TIMEOUT_FLAG}={COLLECTIVE_TIMEOUT_S}").strip()
     import jax
 
@@ -103,10 +103,9 @@ class DispatchWindow:
     backend with several devices every step meets in a gradient all-reduce, and the devices'
     programs share XLA:CPU's pool of as many threads as devices: when the threads are all held by
     programs blocked in an all-reduce while another device's part of it waits for a thread, XLA
-    deadlocks and aborts the process. 600 back-to-back calls of a jitted ``psum`` on 2 CPU devices
-    (2 cores, so a pool of 2 threads) hung in 7 of 8 tries; waiting, after each dispatch, for the
-    call before it (what :meth:`add` does) hung in none of 10. The host stays one step ahead of
-    the devices; the README's training run lost ~2 % of its throughput to the waits.
+    deadlocks and aborts the process. Waiting, after each dispatch, for the call before it (what
+    :meth:`add` does) avoids that; the host stays one step ahead of the devices, at a small cost
+    in throughput (docs/performance.md).
 
     ``add(x)``: ``x`` is any array of the step just dispatched; returns once the step before it
     has finished. ``wait()``: returns once the last step added has finished. A window with

@@ -1,6 +1,6 @@
 """The forward process, its posterior, and conversions between parameterisations.
 
-Notation (DESIGN.md): ``t ∈ 1..T``; schedule arrays have length T+1 and are indexed by ``t``.
+Notation (docs/conventions.md): ``t ∈ 1..T``; schedule arrays have length T+1 and are indexed by ``t``.
 Shapes: ``x0``, ``x_t``, ``noise`` are batches ``(B, ...)`` (NHWC images in practice); ``t`` is an
 integer array of shape ``(B,)``, one time step per example. Every function is pure, jit-safe and
 vmap-safe; per-example coefficients are gathered from the schedule and broadcast over the

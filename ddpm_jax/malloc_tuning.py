@@ -11,7 +11,7 @@ time on this project's CPU VMs (``benchmarks.run`` reports ``train_page_faults_p
 
 - advise transparent huge pages for the memory it maps (``glibc.malloc.hugetlb=1``, effective
   where the kernel's THP mode is ``madvise`` or ``always``): the same memory then faults in 2 MiB
-  pages, ~700 faults per step, and medium training ran 1.3× faster (docs/performance.md);
+  pages, a few hundred faults per step instead of tens of thousands (docs/performance.md);
 - keep requests up to 32 MiB on its heap and not give that heap back (the mmap and trim
   thresholds the reference's README sets for PyTorch, which suffers the same way).
 

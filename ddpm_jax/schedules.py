@@ -1,6 +1,6 @@
 """Noise schedules for the forward process q(x_t | x_{t-1}) = N(√α_t x_{t-1}, (1 − α_t) I).
 
-Convention (DESIGN.md): the time index ``t`` runs over ``1..T`` and every array has length
+Convention (docs/conventions.md): the time index ``t`` runs over ``1..T`` and every array has length
 ``T + 1``, indexed by ``t`` directly. Index 0 describes the data itself:
 
     betas[0] = 0,   alphas[0] = 1,   alpha_bars[0] = ᾱ_0 = 1.

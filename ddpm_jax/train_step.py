@@ -69,9 +69,9 @@ def pmean_flat(tree, axis_name: str):
 
     Same values as ``lax.pmean(tree, axis_name)`` (each entry is the same sum over devices). XLA
     combines per-leaf all-reduces into one of a tuple of buffers, which is not the same on every
-    backend: on two CPU devices the tuple of the small U-Net's ~40 gradient buffers made the
-    training step ~12 % slower than one flat vector (docs/performance.md), and over the gloo
-    collectives of several CPU processes each buffer costs a round trip of ~1 ms. Leaves of
+    backend: on CPU devices a tuple of the U-Net's ~40 gradient buffers is slower than one flat
+    vector (docs/performance.md), and over the gloo collectives of several CPU processes each
+    buffer costs a round trip. Leaves of
     different dtypes are promoted to a common one for the all-reduce and cast back
     (``ravel_pytree``). The price is one concatenated copy of the tree (for the small U-Net's
     166k gradients, 0.7 MB; for a model of N parameters, 4N bytes more at the step's peak).
@@ -152,7 +152,7 @@ class Parallel:
         if mode == "jit":
             # Each device runs the step on its slice of the batch (the state replicated), meeting
             # in train_step's one flat all-reduce; the SPMD partitioner's per-leaf all-reduces
-            # (plain jit of the global step) cost ~12 % on CPU devices (pmean_flat). As under
+            # (plain jit of the global step) are slower on CPU devices (pmean_flat). As under
             # pmap, gradients are per-device until that pmean: check_vma=False, since with it
             # autodiff would sum them itself, and the convolutions' custom VJPs return
             # per-device cotangents for replicated kernels, which it rejects.

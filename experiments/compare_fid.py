@@ -1,7 +1,7 @@
 """Compare sample sets under the notebook's FID protocol, over repeated draws, paired.
 
     python -m experiments.compare_fid --samples ours=runs/mnist/samples/eps_ddpm/samples.npz \
-        --samples reference=/tmp/reference_samples.npz --data_path ../shared/data/mnist --num 1000 --draws 10
+        --samples reference=/tmp/reference_samples.npz --data_path DIR --num 1000 --draws 10
 
 One draw of the notebook's protocol (pixel FID of N unclipped samples against N random real images)
 has a standard deviation of ~0.1 at N = 1,000, as large as the differences one wants to see. So for
@@ -28,9 +28,9 @@ flags.DEFINE_multi_string("samples", None, "NAME=PATH of a samples.npz (repeat f
 flags.DEFINE_integer("num", 1000, "N: samples and real images per FID.", lower_bound=2)
 flags.DEFINE_integer("draws", 10, "Independent draws (disjoint sample chunks, fresh real subsets).", lower_bound=2)
 flags.DEFINE_integer("seed", 100, "Draw i takes its real subsets from default_rng(seed + i).")
-flags.DEFINE_enum("data_source", "idx", ["idx", "tfds"], "Where the real images come from.")
-flags.DEFINE_string("data_path", "../shared/data/mnist", "IDX directory (data_source=idx).")
-flags.DEFINE_string("data_name", "mnist", "TFDS name (data_source=tfds).")
+flags.DEFINE_enum("data_source", "auto", ["auto", "idx", "tfds"], "Where the real images come from (ddpm_jax.data.sources).")
+flags.DEFINE_string("data_path", "", "IDX directory (default for 'auto': the per-user cache, downloaded once).")
+flags.DEFINE_string("data_name", "mnist", "Dataset name.")
 flags.DEFINE_string("out", None, "JSON report path (default: print only).")
 flags.mark_flags_as_required(["samples"])
 
@@ -57,7 +57,7 @@ def main(argv):
             _fail(f"--samples {name}: {x.shape[0]} samples, fewer than --num × --draws = {FLAGS.num * FLAGS.draws}")
         sets[name] = x
     try:
-        raw = data.load_idx_directory(FLAGS.data_path) if FLAGS.data_source == "idx" else data.load_tfds(FLAGS.data_name)
+        raw = data.load_raw(FLAGS.data_source, name=FLAGS.data_name, path=FLAGS.data_path or None)
     except (ValueError, FileNotFoundError, ImportError) as e:
         _fail(str(e))
     pool = data.scale_images(np.concatenate([raw["train_images"], raw["test_images"]]), "[0,1]")

@@ -1,6 +1,6 @@
 """Train the small MNIST CNN whose weights ship in ``ddpm_jax/metrics/weights/``.
 
-    python -m experiments.train_classifier --data_path ../shared/data/mnist \\
+    python -m experiments.train_classifier --data_path DIR \\
         --out ddpm_jax/metrics/weights/mnist_classifier.msgpack [--epochs 4 --seed 0]
 
 Trains :class:`ddpm_jax.metrics.classifier.MnistCNN` on the official 60k MNIST training split

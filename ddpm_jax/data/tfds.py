@@ -12,8 +12,7 @@ import numpy as np
 __all__ = ["load_tfds"]
 
 _TFDS_HINT = (
-    "or use the offline source: data.source=idx with data.path=<directory of IDX files> "
-    "(e.g. ../shared/data/mnist)"
+    "or use the offline source: data.source=idx with data.path=<directory of IDX files>"
 )
 
 

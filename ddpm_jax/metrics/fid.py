@@ -19,7 +19,7 @@ first: the distance scales with the square of the pixel scale.
 
 The finite-sample floor matters: FID is a biased estimator, and two disjoint sets of 1,000 *real*
 MNIST training images are already ≈ 3.0 apart in pixel space (≈ 1.8 for 1,000 vs the 10,000 test
-images; see ``shared/bench/README.md``). A model's 1,000-sample FID of ≈ 5 is therefore ≈ 2 above
+images; docs/results.md). A model's 1,000-sample FID of ≈ 5 is therefore ≈ 2 above
 the floor, not ≈ 5 above a perfect model. Compare FIDs only at equal sample sizes.
 
 Numerics

@@ -138,7 +138,7 @@ def conv_transpose3x3_stride2_phases(x, kernel, output_padding: Tuple[int, int] 
         kernel gradient: ∂L/∂w[k] = Σ_p x[p]ᵀ G[p, k]   (one (Cin, B·H·W) × (B·H·W, 9·Cout) product).
 
     Autodiff of the four phase convolutions instead runs eight small convolutions whose kernel
-    gradients XLA:CPU computes slowly; this backward made the whole training step 12–16 % faster.
+    gradients XLA:CPU computes slowly, so this backward is the faster one (docs/performance.md).
     """
     return _phases_transpose(x, kernel, tuple(int(p) for p in output_padding))
 
@@ -230,14 +230,13 @@ def conv_transpose3x3_col2im(x, kernel):
         input gradient:  ∂L/∂x[p] = Σ_k g[p − 1 + k]·w[k]ᵀ   (for Cout ≤ 4, 9·Cout broadcast
                          multiply-adds in one loop; else one matrix product).
 
-    Against autodiff of the forward, or the direct convolution's input gradient (a convolution
-    from Cout channels, off XLA:CPU's fast kernels), this backward made the small preset's
-    training step ~12 % faster.
+    It is faster than autodiff of the forward, or the direct convolution's input gradient (a
+    convolution from Cout channels, off XLA:CPU's fast kernels): docs/performance.md.
 
     Evaluated without differentiation (sampling, evaluation) the product reads x padded by one
     pixel (XLA writes the padding with x's producer, usually the skip concatenation), so that z
-    comes out padded instead of being padded in a pass of its own: the sampler ran 2.5 % faster.
-    Under differentiation that form measured 1–3.5 % slower (the residual x is then written twice,
+    comes out padded instead of being padded in a pass of its own, one pass fewer.
+    Under differentiation that form is slower (the residual x is then written twice,
     or the kernel gradient's product grows by the padding), so the training step keeps the
     unpadded product. Both give the same numbers up to float rounding (tested).
     """
@@ -276,7 +275,7 @@ def conv3x3(x, kernel):
 def conv3x3_im2col(x, kernel):
     """:func:`conv3x3` for few input channels (the U-Net's input layer reads an image's 1 or 3),
     where the convolution's own matrix products have only Cin rows and XLA:CPU does not send it to
-    its fast kernels (~0.6 ms alone but ~4 ms inside the sampler's loop).
+    its fast kernels.
 
     ``x`` (B, H, W, Cin), ``kernel`` (3, 3, Cin, Cout) → (B, H, W, Cout). With P[q, k] = x[q + k − 1]
     the 9 shifted copies of x (zero outside; ``_taps``)::

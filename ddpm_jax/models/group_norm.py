@@ -7,13 +7,12 @@ For ``x`` of shape ``(B, H, W, C)`` with G groups of C/G channels each and n = H
                                                             ``use_fast_variance=False``)
     y_bhwc = (x_bhwc − μ_bg) / √(σ²_bg + ε) · γ_c + β_c
 
-Flax reduces the ``(B, H, W, G, C/G)`` view over the axes (1, 2, 4) at once; XLA:CPU runs that
-strided reduction at ~1.5 GB/s (the U-Net's widest GroupNorms took 2–3 ms each, forward, at batch
-128). Here each sum is taken in two steps — over the H·W rows of the ``(B, H·W, C)`` view, a
+Flax reduces the ``(B, H, W, G, C/G)`` view over the axes (1, 2, 4) at once, a strided
+reduction XLA:CPU runs slowly (docs/performance.md). Here each sum is taken in two steps — over the H·W rows of the ``(B, H·W, C)`` view, a
 contiguous row sum, then over the C/G channels of each group of the small ``(B, C)`` result (a
 product with the group-membership matrix) — which is the same sum in another order: equal up to float rounding (tested against
 ``nn.GroupNorm`` in float64, values and gradients). Gradients come from autodiff (a hand-written
-backward measured no faster).
+backward is no faster).
 
 :func:`group_norm_swish` is the U-Net's whole block after a convolution, swish(GN(h + b)) with a
 per-example, per-channel bias b (the time embedding), in fewer passes over the activations: the
@@ -39,7 +38,7 @@ def _group_mean_of_sums(sums, num_groups: int, n: int):
     """Per-(example, channel) sums (B, C) → each channel's copy of its group's mean (sum / ``n``),
     (B, C). Through two products with the (C, G) group-membership matrix, not a reshape and a
     repeat: XLA:CPU then writes the (B, C) result once instead of rebuilding the repeat inside every
-    elementwise loop that reads it (3.5× slower on 8 channels)."""
+    elementwise loop that reads it."""
     C = sums.shape[-1]
     member = (jnp.arange(C)[:, None] // (C // num_groups) == jnp.arange(num_groups)[None, :]).astype(sums.dtype)
     return (sums @ member / n) @ member.T
@@ -150,8 +149,8 @@ def group_norm_swish(h, tb, scale, bias, num_groups: int, epsilon: float = 1e-5)
 
         ∂L/∂h = (γ·g − ⟨γ·s₁⟩ − x̂·⟨γ·s₂⟩)/σ,   ∂L/∂b = Σ_p ∂L/∂h,   ∂L/∂γ = Σ_b s₂,   ∂L/∂β = Σ_b s₁.
 
-    Against autodiff of ``swish(group_norm(h + b))``: 15–30 % less time per block, forward and
-    backward (one CPU core, batch 50, the U-Net's shapes).
+    It takes less time per block than autodiff of ``swish(group_norm(h + b))``, forward and
+    backward (docs/performance.md).
     """
     if h.ndim != 4:
         raise ValueError(f"group_norm_swish: h must be (B, H, W, C), got shape {h.shape}")
