@@ -13,20 +13,22 @@ setup(
     packages=find_packages(include=["ddpm_jax", "ddpm_jax.*"]),
     package_data={"ddpm_jax.metrics": ["weights/*.msgpack"]},
     install_requires=[
-        "jax>=0.6.1",  # jax.shard_map
-        "flax>=0.10",
-        "optax>=0.2.5",
-        "orbax-checkpoint>=0.9",
-        "numpy>=1.26",
-        "tensorflow-datasets>=4.9.4",
-        "ml-collections>=0.1.1",
-        "absl-py>=1.4",
-        "tqdm>=4.64",
-        "matplotlib>=3.7",
+        # Lower bounds: the versions the code and its tests run with (the CPU set-up passes XLA
+        # flags that older jaxlib builds do not know and abort on).
+        "jax>=0.10.2",
+        "flax>=0.12.8",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.8",
+        "numpy>=2.4",
+        "tensorflow-datasets>=4.9.10",  # only for datasets outside the MNIST family (data.source=tfds)
+        "ml-collections>=1.1.0",
+        "absl-py>=2.5.1",
+        "tqdm>=4.70",
+        "matplotlib>=3.11",
         "pillow>=13.0",  # data.source=folder (also a matplotlib dependency)
-        "tensorboardX>=2.6",
+        "tensorboardX>=2.6.5",
     ],
     extras_require={
-        "test": ["pytest>=7.4", "pytest-xdist>=3.3", "scipy>=1.11"],
+        "test": ["pytest>=9.0", "pytest-xdist>=3.8", "scipy>=1.17"],
     },
 )
