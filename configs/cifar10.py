@@ -75,6 +75,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.sampling = ml_collections.ConfigDict()
     c.sampling.method = "eps_ddpm"  # ancestral sampling, Algorithm 2
     c.sampling.ddpm_variance = "beta"  # σ_t² = β_t ('fixedlarge'), what its CIFAR-10 run used
+    c.sampling.num_steps = 0  # DDIM only: its number of steps (0: every one of the T)
+    c.sampling.eta = 0.0  # DDIM only: its η
     c.sampling.clip_x0 = True  # its sampler clips x̂_0 to [-1, 1] at every step (clip_denoised)
 
     c.checkpoint = ml_collections.ConfigDict()

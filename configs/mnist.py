@@ -11,7 +11,7 @@ Any key can be overridden on the command line: ``--config.train.batch_size=128``
 The default is the notebook's ε recipe as its code actually runs: small U-Net, T = 200, linear β
 1e-4..0.1, Adam 0.01 with ×0.1 every 20 epochs, batch 100, 60 epochs, and the ε loss with the
 *unweighted* ('simple') weighting summed over pixels — the notebook's ELBO weight broadcasts to
-the batch mean (see ../shared/bench/README.md), so in effect it trains L_simple. The ELBO
+the batch mean (docs/source_material.md), so in effect it trains L_simple. The ELBO
 weighting is ``--config.objective.weighting=elbo``. One addition: gradients are clipped to global
 norm 1 (``optim.grad_clip_norm``; 0 turns it off), see the note at that key; and the DDPM sampler
 draws with σ_t² = β̃_t, not the notebook's β_t (``sampling.ddpm_variance``; better FIDs here).
@@ -92,9 +92,10 @@ def get_config(variant: str = "eps") -> ml_collections.ConfigDict:
     c.sampling = ml_collections.ConfigDict()
     c.sampling.method = {"eps": "eps_ddpm", "mean": "xprev_noise", "xprev": "xprev_noise", "x0": "x0_coherent", "v": "eps_ddpm"}[variant]
     # σ_t² for eps_ddpm: 'posterior' = β̃_t | 'beta' = β_t (the notebook's). Ho et al. (2020) found the two
-    # about equal on CIFAR-10; on this MNIST recipe β̃_t is better on every metric (pixel FID 4.77 vs 5.03,
-    # classifier FID 76 vs 87 at N = 1,000, 0.4 % vs 4.9 % of pixels outside [0, 1]; docs/results.md).
+    # about equal on CIFAR-10; on this MNIST recipe β̃_t is better on every metric (docs/results.md).
     c.sampling.ddpm_variance = "posterior"
+    c.sampling.num_steps = 0  # DDIM only: its number of steps (0: every one of the T)
+    c.sampling.eta = 0.0  # DDIM only: its η
     c.sampling.clip_x0 = False  # clip x̂_0 to the data range at every step (the notebook does not)
 
     c.checkpoint = ml_collections.ConfigDict()

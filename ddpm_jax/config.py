@@ -12,7 +12,7 @@ from ddpm_jax import data, objectives, sampling, schedules
 
 __all__ = ["ConfigError", "validate_config", "schedule_from_config", "REQUIRED_KEYS"]
 
-#: Keys the rest of the project relies on (DESIGN.md / the training issue).
+#: Keys the rest of the project relies on.
 REQUIRED_KEYS = (
     "seed",
     "data.source",
@@ -205,6 +205,14 @@ def validate_config(config) -> None:
     _choice(config, "sampling.ddpm_variance", sampling.DDPM_VARIANCES)
     if not isinstance(_get(config, "sampling.clip_x0"), bool):
         raise ConfigError(f"config.sampling.clip_x0 = {_get(config, 'sampling.clip_x0')!r}: must be True or False")
+    # Optional DDIM settings (absent: every step, η = 0): the sampler the grids and, unless flags
+    # say otherwise, experiments.sample / evaluate use.
+    s = _get(config, "sampling")
+    if "num_steps" in s or "eta" in s:
+        try:
+            sampling.check_sampler_args(s.method, T, s.get("num_steps", 0) or None, s.get("eta", 0.0), s.ddpm_variance)
+        except ValueError as e:
+            raise ConfigError(f"config.sampling: {e} (sampling.num_steps = 0 means every step)") from None
 
     _int(config, "checkpoint.every_steps", minimum=1)
     _int(config, "checkpoint.keep", minimum=1)

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
 from ddpm_jax import data, objectives, sampling
-from ddpm_jax.checkpointing import Checkpointer, read_config_json
+from ddpm_jax.checkpointing import CheckpointError, Checkpointer, read_config_json
 from ddpm_jax.models import make_model_fn
 from ddpm_jax.schedules import Schedule
 from ddpm_jax.train_state import create_train_state, make_optimizer
@@ -42,7 +42,9 @@ def sampling_tag(options: dict) -> str:
 @dataclasses.dataclass
 class Run:
     """A restored run. ``parameterisation`` is what the network predicts ('eps', 'x0', 'v',
-    'mean'); ``image_shape`` is (H, W, C); ``data_scale`` is the config's data.scale."""
+    'mean'); ``image_shape`` is (H, W, C); ``data_scale`` is the config's data.scale; ``meta`` is
+    the checkpoint's metadata (step, epoch, steps_per_epoch, image_shape, and ``wall_seconds``:
+    training wall time up to this step, where the trainer recorded it)."""
 
     config: ml_collections.ConfigDict
     model: Any
@@ -52,6 +54,7 @@ class Run:
     step: int
     image_shape: Tuple[int, ...]
     workdir: str
+    meta: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def parameterisation(self) -> str:
@@ -66,10 +69,15 @@ class Run:
         return make_model_fn(self.model.apply, self.ema_params if ema else self.params,
                              time_input=self.config.model.time_input, num_steps=self.schedule.num_steps)
 
-    def sampler_options(self, method=None, *, num_steps=None, eta=0.0, ddpm_variance=None, clip_x0=None) -> dict:
+    def sampler_options(self, method=None, *, num_steps=None, eta=None, ddpm_variance=None, clip_x0=None) -> dict:
         """Keyword arguments for :func:`ddpm_jax.sampling.sample`, defaults from the run's config,
-        validated (ValueError) before anything is compiled. ``clip_x0``: bool or None (config)."""
+        validated (ValueError) before anything is compiled. ``clip_x0``: bool or None (config).
+        ``num_steps`` / ``eta`` default to ``config.sampling``'s when ``method`` is the config's."""
         s = self.config.sampling
+        if method is None or method == s.method:
+            num_steps = num_steps or s.get("num_steps", 0) or None
+            eta = s.get("eta", 0.0) if eta is None else eta
+        eta = 0.0 if eta is None else eta
         method = method or s.method
         ddpm_variance = ddpm_variance or s.ddpm_variance
         clip = s.get("clip_x0", False) if clip_x0 is None else clip_x0
@@ -93,7 +101,7 @@ class Run:
 
 
 def _restore(ckpt: Checkpointer, config, step: int):
-    """(model, image_shape, state) of checkpoint ``step``, restored into the config's model."""
+    """(model, image_shape, state, meta) of checkpoint ``step``, restored into the config's model."""
     meta = ckpt.read_meta(step)
     image_shape = tuple(meta["image_shape"])
     model = build_model(config, image_shape)
@@ -104,7 +112,7 @@ def _restore(ckpt: Checkpointer, config, step: int):
         return create_train_state(params, tx, jax.random.PRNGKey(0))
 
     state, _ = ckpt.restore(jax.eval_shape(abstract_state), step)
-    return model, image_shape, state
+    return model, image_shape, state, meta
 
 
 def load_run(workdir: str, step: Optional[int] = None) -> Run:
@@ -127,7 +135,7 @@ def load_run(workdir: str, step: Optional[int] = None) -> Run:
             if chosen is None:
                 raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
             try:
-                model, image_shape, state = _restore(ckpt, config, chosen)
+                model, image_shape, state, meta = _restore(ckpt, config, chosen)
                 break
             except CheckpointError:
                 # Beside a running trainer the latest checkpoint can be removed by its retention
@@ -138,5 +146,5 @@ def load_run(workdir: str, step: Optional[int] = None) -> Run:
     finally:
         ckpt.close()
     return Run(config=config, model=model, schedule=build_schedule(config), params=state.params,
-               ema_params=state.ema_params, step=int(state.step), image_shape=image_shape, workdir=workdir)
+               ema_params=state.ema_params, step=int(state.step), image_shape=image_shape, workdir=workdir, meta=dict(meta))
 

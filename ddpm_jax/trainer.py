@@ -183,8 +183,9 @@ def _sync(name: str) -> None:
 
 
 def _restore(config, workdir: str, ckpt_dir: str, state, restore_step: Optional[int]):
-    """(state, start step, Checkpointer): the run's checkpoints opened, unfinished saves removed,
-    and the newest checkpoint that restores (or ``restore_step``) loaded into ``state``.
+    """(state, start step, Checkpointer, meta): the run's checkpoints opened, unfinished saves
+    removed, and the newest checkpoint that restores (or ``restore_step``) loaded into ``state``
+    (``meta``: its metadata, ``{}`` for a fresh run).
 
     Checkpoints that fail to restore, and with ``restore_step`` the newer ones, are moved to
     ``checkpoints_set_aside/`` (one line each says which and where); nothing is deleted."""
@@ -200,7 +201,7 @@ def _restore(config, workdir: str, ckpt_dir: str, state, restore_step: Optional[
         raise CheckpointError(f"--restore_step={restore_step}: {ckpt_dir} has no checkpoint of that step "
                               f"(it has: {', '.join(map(str, steps)) or 'none'})")
     if not steps:
-        return state, 0, ckpt
+        return state, 0, ckpt, {}
     damaged = {}
     if restore_step is not None:
         state, meta = ckpt.restore(state, restore_step)
@@ -217,7 +218,7 @@ def _restore(config, workdir: str, ckpt_dir: str, state, restore_step: Optional[
         _sync("set_aside_checkpoints")
         ckpt.reload()
     _log(f"resumed from {ckpt_dir} at step {start} (epoch {meta.get('epoch')}, step-in-epoch {meta.get('step_in_epoch')})")
-    return state, int(start), ckpt
+    return state, int(start), ckpt, meta
 
 
 def _abandon(writer: MetricWriter, ckpt: Checkpointer, ckpt_dir: str, is_main: bool) -> None:
@@ -248,7 +249,7 @@ def _train_and_evaluate(config, workdir: str, *, arrays, progress: bool, restore
         _check_resume_compatible(saved_cfg, cfg_dict, workdir)
 
     # Data.
-    t0 = time.time()
+    t0 = t_begin = time.time()
     d = config.data
     splits = data.splits_from_config(config, arrays=arrays)
     batch_size = config.train.batch_size
@@ -284,7 +285,14 @@ def _train_and_evaluate(config, workdir: str, *, arrays, progress: bool, restore
     if is_main:  # room for at least one more checkpoint, before anything is compiled or trained
         state_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(state))
         check_writable(workdir, "--workdir", need_bytes=state_bytes + 2**20)
-    state, start, ckpt = _restore(config, workdir, ckpt_dir, state, restore_step)
+    state, start, ckpt, start_meta = _restore(config, workdir, ckpt_dir, state, restore_step)
+    # Wall seconds of training up to a step: this command's, from data loading on (compilation,
+    # evaluations and grids included), plus the earlier commands' up to the resumed step.
+    wall_before = float(start_meta.get("wall_seconds", 0.0))
+
+    def wall_seconds():
+        return wall_before + time.time() - t_begin
+
     if start > total_steps:
         ckpt.close()
         raise ConfigError(f"{workdir} holds a checkpoint at step {start}, past this run's last step {total_steps}: "
@@ -315,6 +323,7 @@ def _train_and_evaluate(config, workdir: str, *, arrays, progress: bool, restore
     def sample_grid(ema_params, sched, key):
         fn = make_model_fn(model.apply, ema_params, time_input=config.model.time_input, num_steps=sched.num_steps)
         return sampling.sample(fn, sched, (n_grid,) + image_shape, key, method=config.sampling.method,
+                               num_steps=config.sampling.get("num_steps", 0) or None, eta=config.sampling.get("eta", 0.0),
                                ddpm_variance=config.sampling.ddpm_variance, parameterisation=param_kind,
                                clip_x0=data.data_range(d.scale) if config.sampling.clip_x0 else None)
 
@@ -336,7 +345,7 @@ def _train_and_evaluate(config, workdir: str, *, arrays, progress: bool, restore
 
     def meta_for(step):
         return {"step": int(step), "epoch": int(step // spe), "step_in_epoch": int(step % spe), "steps_per_epoch": spe,
-                "image_shape": list(image_shape)}
+                "image_shape": list(image_shape), "wall_seconds": round(wall_seconds(), 3)}
 
     iterator = data.BatchIterator(splits.train, batch_size, seed=config.seed, start_step=start,
                                   process_index=jax.process_index(), process_count=jax.process_count(),
@@ -384,6 +393,7 @@ def _train_and_evaluate(config, workdir: str, *, arrays, progress: bool, restore
                     writer.write(step, {"train/loss": last_train,
                                         "train/grad_norm": float(np.mean([m["grad_norm"] for m in good])) if good else float("nan"),
                                         "train/images_per_sec": ips, "train/epoch": step / spe,
+                                        "train/wall_seconds": wall_seconds(),
                                         "train/nonfinite_steps": bad_total})
                     if stopped_by == "nonfinite":
                         break

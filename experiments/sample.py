@@ -68,7 +68,7 @@ def main(argv):
     one_batch = run.make_sampler(FLAGS.batch_size, opts, ema=FLAGS.params == "ema")
 
     print(f"run {run.workdir} step {run.step} ({FLAGS.params} params); {method}{' (x̂_0 clipped)' if clip else ''}, "
-          f"{FLAGS.num_steps or run.schedule.num_steps} steps; {FLAGS.num} samples in batches of {FLAGS.batch_size}"
+          f"{opts['num_steps'] or run.schedule.num_steps} steps; {FLAGS.num} samples in batches of {FLAGS.batch_size}"
           f" on {_devices(FLAGS.batch_size)}", flush=True)
     t0 = time.time()
     compiled = one_batch.lower(jax.random.PRNGKey(0)).compile()  # one program per batch, compiled once

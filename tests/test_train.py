@@ -236,6 +236,9 @@ def test_resume_is_bit_for_bit(tmp_path):
     _, state, _, _ = _setup(straight)
     a, meta_a = _restore(str(tmp_path / "a"), state)
     b, meta_b = _restore(str(tmp_path / "b"), state)
+    # wall_seconds is a timing (the resumed run's sums both commands'): checked apart.
+    wall_a, wall_b = meta_a.pop("wall_seconds"), meta_b.pop("wall_seconds")
+    assert wall_a > 0 and wall_b > 0
     assert meta_a == meta_b == {"step": 2 * n, "epoch": 3, "step_in_epoch": 1, "steps_per_epoch": 3, "image_shape": [8, 8, 1]}
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
