@@ -142,7 +142,7 @@ def validate_config(config) -> None:
         _int(config, "model.embed_dim", minimum=2)
         _int(config, "model.num_groups", minimum=1)
         _float(config, "model.fourier_scale", low=0.0, low_open=True)
-        _choice(config, "model.conv_impl", CONV_IMPLS)
+        _choice(config, "model.conv_impl", ("auto",) + tuple(CONV_IMPLS))
         rho = _get(config, "model.rho_head")
         if not isinstance(rho, bool):
             raise ConfigError(f"config.model.rho_head = {rho!r}: must be True or False")
@@ -205,14 +205,15 @@ def validate_config(config) -> None:
     _choice(config, "sampling.ddpm_variance", sampling.DDPM_VARIANCES)
     if not isinstance(_get(config, "sampling.clip_x0"), bool):
         raise ConfigError(f"config.sampling.clip_x0 = {_get(config, 'sampling.clip_x0')!r}: must be True or False")
-    # Optional DDIM settings (absent: every step, η = 0): the sampler the grids and, unless flags
-    # say otherwise, experiments.sample / evaluate use.
+    # Optional settings of the strided samplers (absent: every step, η = 0, the method's default
+    # grid): the sampler the grids and, unless flags say otherwise, experiments.sample / evaluate use.
     s = _get(config, "sampling")
-    if "num_steps" in s or "eta" in s:
+    if "num_steps" in s or "eta" in s or "grid" in s:
         try:
-            sampling.check_sampler_args(s.method, T, s.get("num_steps", 0) or None, s.get("eta", 0.0), s.ddpm_variance)
+            sampling.check_sampler_args(s.method, T, s.get("num_steps", 0) or None, s.get("eta", 0.0), s.ddpm_variance,
+                                        grid=s.get("grid", "") or None)
         except ValueError as e:
-            raise ConfigError(f"config.sampling: {e} (sampling.num_steps = 0 means every step)") from None
+            raise ConfigError(f"config.sampling: {e} (sampling.num_steps = 0 means every step, grid '' the method's default)") from None
 
     _int(config, "checkpoint.every_steps", minimum=1)
     _int(config, "checkpoint.keep", minimum=1)

@@ -28,7 +28,8 @@ __all__ = ["Run", "load_run", "sampling_tag"]
 
 def sampling_tag(options: dict) -> str:
     """A short name for sampler options, e.g. 'eps_ddpm', 'eps_ddpm_posterior' (σ_t² = β̃_t; plain
-    'eps_ddpm' is σ_t² = β_t), 'ddim_steps50_eta0', 'eps_ddpm_clip': different options, different names."""
+    'eps_ddpm' is σ_t² = β_t), 'ddim_steps50_eta0', 'heun_steps10_edm_churn10', 'eps_ddpm_clip':
+    different options, different names."""
     tag = options["method"]
     if options["method"] == "eps_ddpm" and options.get("ddpm_variance") == "posterior":
         tag += "_posterior"
@@ -36,6 +37,12 @@ def sampling_tag(options: dict) -> str:
         tag += f"_steps{options['num_steps']}"
     if options["method"] == "ddim":
         tag += f"_eta{options.get('eta', 0.0):g}"
+    if options.get("grid"):
+        tag += f"_{options['grid']}"
+    if options.get("s_churn"):
+        tag += f"_churn{options['s_churn']:g}"
+        if (options["s_tmin"], options["s_tmax"], options["s_noise"]) != (0.0, float("inf"), 1.0):
+            tag += f"_tmin{options['s_tmin']:g}_tmax{options['s_tmax']:g}_noise{options['s_noise']:g}"
     return tag + ("_clip" if options.get("clip_x0") is not None else "")
 
 
@@ -69,21 +76,31 @@ class Run:
         return make_model_fn(self.model.apply, self.ema_params if ema else self.params,
                              time_input=self.config.model.time_input, num_steps=self.schedule.num_steps)
 
-    def sampler_options(self, method=None, *, num_steps=None, eta=None, ddpm_variance=None, clip_x0=None) -> dict:
+    def sampler_options(self, method=None, *, num_steps=None, eta=None, ddpm_variance=None, clip_x0=None, grid=None,
+                        s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0) -> dict:
         """Keyword arguments for :func:`ddpm_jax.sampling.sample`, defaults from the run's config,
         validated (ValueError) before anything is compiled. ``clip_x0``: bool or None (config).
-        ``num_steps`` / ``eta`` default to ``config.sampling``'s when ``method`` is the config's."""
+        ``num_steps`` / ``eta`` / ``grid`` default to ``config.sampling``'s when ``method`` is the
+        config's. The step grid and Heun's churn appear in the result only when set."""
         s = self.config.sampling
         if method is None or method == s.method:
             num_steps = num_steps or s.get("num_steps", 0) or None
             eta = s.get("eta", 0.0) if eta is None else eta
+            grid = grid or s.get("grid", "") or None
         eta = 0.0 if eta is None else eta
         method = method or s.method
         ddpm_variance = ddpm_variance or s.ddpm_variance
         clip = s.get("clip_x0", False) if clip_x0 is None else clip_x0
-        sampling.check_sampler_args(method, self.schedule.num_steps, num_steps, eta, ddpm_variance, self.parameterisation)
-        return {"method": method, "num_steps": num_steps, "eta": eta, "ddpm_variance": ddpm_variance,
+        churn = {"s_churn": s_churn, "s_tmin": s_tmin, "s_tmax": s_tmax, "s_noise": s_noise}
+        sampling.check_sampler_args(method, self.schedule.num_steps, num_steps, eta, ddpm_variance, self.parameterisation,
+                                    grid, **churn)
+        opts = {"method": method, "num_steps": num_steps, "eta": eta, "ddpm_variance": ddpm_variance,
                 "parameterisation": self.parameterisation, "clip_x0": data.data_range(self.data_scale) if clip else None}
+        if grid is not None:
+            opts["grid"] = grid
+        if s_churn:
+            opts.update(churn)
+        return opts
 
     def make_sampler(self, batch_size: int, options: dict, *, ema: bool = True, return_trajectory: bool = False):
         """A jitted ``fn(key) -> samples (batch_size, H, W, C)`` (and the trajectory if asked):

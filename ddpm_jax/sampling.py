@@ -20,7 +20,16 @@ method          native  update x_t -> x_{t−1}
 'ddim'          eps     on S = ``num_steps`` strided steps τ_S > … > τ_1, τ_0 = 0 (Song et al. 2021):
                         x_{τ−} = √ᾱ_{τ−} x̂_0 + √(1 − ᾱ_{τ−} − σ²) ε̂ + σ z,
                         σ = eta · √((1 − ᾱ_{τ−})/(1 − ᾱ_τ)) · √(1 − ᾱ_τ/ᾱ_{τ−})
+'dpm_solver_pp' x0      DPM-Solver++(2M) on the log-SNR of S steps, one evaluation each
+                        (:mod:`ddpm_jax.solvers`)
+'heun'          x0      EDM's Heun sampler on σ_t = √((1 − ᾱ_t)/ᾱ_t) over S steps, 2S − 1
+                        evaluations, optional churn (:mod:`ddpm_jax.solvers`)
 ==============  ======  ==========================================================================
+
+'ddim', 'dpm_solver_pp' and 'heun' take S = ``num_steps`` steps on a ``grid`` of
+:mod:`ddpm_jax.step_grids` ('uniform_t', 'lambda' or 'edm'; by default 'uniform_t', 'lambda' and
+'edm' respectively); the other methods take every step. 'ddim' with η = 1 is the ancestral sampler
+on the respaced schedule (β_τ = 1 − ᾱ_τ/ᾱ_{τ−}, σ² = β̃_τ; Nichol & Dhariwal 2021).
 
 Memory is O(batch) unless ``return_trajectory=True``; :func:`sample_in_batches` draws large
 counts one compiled batch at a time.
@@ -34,11 +43,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import diffusion
+from ddpm_jax import diffusion, solvers, step_grids
 from ddpm_jax.diffusion import extract
 from ddpm_jax.schedules import Schedule
+from ddpm_jax.step_grids import GRIDS, ddim_timesteps
 
-__all__ = ["METHODS", "sample", "ddim_timesteps", "check_sampler_args", "sample_in_batches"]
+__all__ = ["METHODS", "GRIDS", "sample", "ddim_timesteps", "check_sampler_args", "nfe", "sample_in_batches"]
 
 #: method -> the parameterisation its update reads natively.
 METHODS: Dict[str, str] = {
@@ -49,26 +59,23 @@ METHODS: Dict[str, str] = {
     "eps_det": "eps",
     "eps_ddpm": "eps",
     "ddim": "eps",
+    "dpm_solver_pp": "x0",
+    "heun": "x0",
 }
+
+#: methods that take ``num_steps`` steps on a grid, and their default grid.
+STRIDED: Dict[str, str] = {"ddim": "uniform_t", "dpm_solver_pp": "lambda", "heun": "edm"}
 
 DDPM_VARIANCES = ("posterior", "beta")
 
 
-def ddim_timesteps(num_train_steps: int, num_steps: int) -> np.ndarray:
-    """S = ``num_steps`` evenly spread steps τ_1 < … < τ_S in 1..T with τ_S = T, ``(S,)`` int32.
-
-    τ_i = round(1 + (i − 1)(T − 1)/(S − 1)) (τ_1 = 1, τ_S = T; distinct since S ≤ T); S = 1 gives [T].
-    """
-    if num_steps == 1:
-        return np.array([num_train_steps], np.int32)
-    return np.round(np.linspace(1, num_train_steps, num_steps)).astype(np.int32)
-
-
-def check_sampler_args(method: str, num_train_steps: int, num_steps=None, eta=0.0, ddpm_variance="posterior", parameterisation=None) -> int:
+def check_sampler_args(method: str, num_train_steps: int, num_steps=None, eta=0.0, ddpm_variance="posterior", parameterisation=None,
+                       grid=None, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0) -> int:
     """Validates sampler arguments before anything is compiled; returns the number of steps S.
 
-    Raises ValueError: unknown method / parameterisation / ddpm_variance, eta outside [0, 1],
-    num_steps outside 1..T, or num_steps ≠ T for a method that always takes every step.
+    Raises ValueError: unknown method / parameterisation / ddpm_variance / grid, eta outside [0, 1],
+    num_steps outside 1..T, num_steps ≠ T or a grid for a method that always takes every step,
+    churn settings for a method other than 'heun', or negative / inverted churn settings.
     """
     if method not in METHODS:
         raise ValueError(f"unknown sampling method {method!r}; valid methods: {sorted(METHODS)}")
@@ -78,13 +85,32 @@ def check_sampler_args(method: str, num_train_steps: int, num_steps=None, eta=0.
         raise ValueError(f"unknown ddpm_variance {ddpm_variance!r}; expected one of {DDPM_VARIANCES}")
     if isinstance(eta, (int, float, np.integer, np.floating)) and not 0.0 <= float(eta) <= 1.0:
         raise ValueError(f"eta must be in [0, 1], got {eta}")
+    if grid is not None:
+        if grid not in GRIDS:
+            raise ValueError(f"unknown step grid {grid!r}; expected one of {GRIDS}")
+        if method not in STRIDED:
+            raise ValueError(f"method {method!r} takes every step; a step grid needs one of {sorted(STRIDED)}")
+    churn = (s_churn, s_tmin, s_tmax, s_noise)
+    if churn != (0.0, 0.0, float("inf"), 1.0):
+        if method != "heun":
+            raise ValueError(f"s_churn, s_tmin, s_tmax and s_noise are settings of method 'heun', not {method!r}")
+        if min(s_churn, s_tmin, s_noise) < 0 or s_tmin > s_tmax:
+            raise ValueError(f"heun churn needs s_churn, s_tmin, s_noise >= 0 and s_tmin <= s_tmax; got "
+                             f"s_churn={s_churn}, s_tmin={s_tmin}, s_tmax={s_tmax}, s_noise={s_noise}")
     if num_steps is None:
         return num_train_steps
     if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or not 1 <= num_steps <= num_train_steps:
         raise ValueError(f"num_steps must be an integer in 1..T = 1..{num_train_steps}, got {num_steps!r}")
-    if method != "ddim" and num_steps != num_train_steps:
-        raise ValueError(f"method {method!r} takes all T = {num_train_steps} steps; num_steps={num_steps} needs method='ddim'")
+    if method not in STRIDED and num_steps != num_train_steps:
+        raise ValueError(f"method {method!r} takes all T = {num_train_steps} steps; num_steps={num_steps} needs one of "
+                         f"{sorted(STRIDED)}")
     return int(num_steps)
+
+
+def nfe(method: str, num_train_steps: int, num_steps=None) -> int:
+    """Network evaluations per sample: 2S − 1 for 'heun', S for the other methods (S = T unless given)."""
+    S = num_steps or num_train_steps
+    return 2 * S - 1 if method == "heun" else S
 
 
 def _estimates(schedule, x_t, t, pred, parameterisation, clip_x0):
@@ -108,6 +134,11 @@ def sample(
     clip_x0: Optional[Sequence[float]] = None,
     ddpm_variance: str = "posterior",
     parameterisation: Optional[str] = None,
+    grid: Optional[str] = None,
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = float("inf"),
+    s_noise: float = 1.0,
     return_trajectory: bool = False,
 ):
     """Draws ``shape[0]`` samples by running the reverse process (see the module docstring).
@@ -118,11 +149,13 @@ def sample(
       shape: ``(B, H, W, C)`` (any ``(B, ...)``).
       key: PRNG key; x_T uses ``split(key)[0]``, the step at time t uses ``fold_in(split(key)[1], t)``.
       method: one of :data:`METHODS`.
-      num_steps: S for 'ddim' (1..T); other methods take all T steps (None or T).
+      num_steps: S for 'ddim', 'dpm_solver_pp' and 'heun' (1..T); other methods take all T steps (None or T).
       eta: DDIM stochasticity in [0, 1] (0 deterministic, 1 = DDPM-like posterior noise).
       clip_x0: optional (lo, hi) to clip x̂_0 each step (ε̂ made consistent with the clipped x̂_0).
       ddpm_variance: 'posterior' (β̃_t) or 'beta' (β_t) for 'eps_ddpm'.
       parameterisation: what ``model_fn`` predicts, if not the method's native one.
+      grid: the step grid of 'ddim', 'dpm_solver_pp' and 'heun' (:data:`GRIDS`; None = the method's default).
+      s_churn, s_tmin, s_tmax, s_noise: EDM's churn for 'heun' (s_churn = 0: deterministic).
       return_trajectory: also return the trajectory.
 
     Returns:
@@ -130,15 +163,29 @@ def sample(
       't' ``(S,)`` (the steps in the order taken, T first), 'x' ``(S+1, *shape)`` (x_T first, x_0
       last), and 'x0', 'eps' ``(S, *shape)``: x̂_0 and ε̂ at each step.
     """
-    S = check_sampler_args(method, schedule.num_steps, num_steps, eta, ddpm_variance, parameterisation)
+    S = check_sampler_args(method, schedule.num_steps, num_steps, eta, ddpm_variance, parameterisation, grid,
+                           s_churn, s_tmin, s_tmax, s_noise)
     param = parameterisation or METHODS[method]
     T = schedule.num_steps
-    taus = ddim_timesteps(T, S) if method == "ddim" else np.arange(1, T + 1, dtype=np.int32)
-    ts = jnp.asarray(taus[::-1])  # descending: τ_S .. τ_1
-    t_prevs = jnp.asarray(np.concatenate([[0], taus[:-1]])[::-1].astype(np.int32))  # τ_{i−1}, τ_0 = 0
+    if method in STRIDED:
+        taus = step_grids.timestep_grid(schedule, S, grid or STRIDED[method])
+    else:
+        taus = jnp.arange(1, T + 1, dtype=jnp.int32)
     k_init, k_steps = jax.random.split(key)
     x_T = jax.random.normal(k_init, tuple(shape), jnp.float32)
     B = shape[0]
+
+    def denoise(x_t, t):
+        return _estimates(schedule, x_t, t, model_fn(x_t, t), param, clip_x0)
+
+    if method == "dpm_solver_pp":
+        return solvers.dpm_solver_pp(denoise, schedule, x_T, taus, return_trajectory=return_trajectory)
+    if method == "heun":
+        return solvers.heun(denoise, schedule, x_T, taus, k_steps, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax,
+                            s_noise=s_noise, return_trajectory=return_trajectory)
+
+    ts = taus[::-1]  # descending: τ_S .. τ_1
+    t_prevs = jnp.concatenate([jnp.zeros((1,), jnp.int32), taus[:-1]])[::-1]  # τ_{i−1}, τ_0 = 0
 
     def step(x_t, ts_pair):
         t_scalar, t_prev_scalar = ts_pair
