@@ -93,10 +93,9 @@ def main(argv=None) -> int:
     ap.add_argument("--top", type=int, default=12, help="also list the N slowest operations")
     ap.add_argument("--json", action="store_true", help="one JSON object per group")
     args = ap.parse_args(argv)
-    from ddpm_jax import cpu_devices, malloc_tuning
+    from ddpm_jax import platform_profile
 
-    malloc_tuning.reexec_if_untuned()
-    cpu_devices.configure(1)
+    platform_profile.setup("cpu", cpu_devices=1)  # this script profiles XLA:CPU
     ms, convs = profile(args.preset, args.conv_impl)
 
     def group(name):

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ddpm_jax import cpu_devices, data, malloc_tuning, objectives, sampling, schedules
+from ddpm_jax import cpu_devices, data, objectives, platform_profile, sampling, schedules
 from ddpm_jax.models import make_model, make_model_fn
 from ddpm_jax.models.scorenet import CONV_IMPLS
 from ddpm_jax.train_state import create_train_state, make_optimizer
@@ -80,7 +80,7 @@ def _median_rates(fns, items_per_call: int, *, blocks: int, calls_per_block: int
 def setup_train(preset: str, conv_impl: str = "phases", batch: int = TRAIN_BATCH):
     """(Parallel runner, placed state, schedule, placed batch) of the benchmarked training step:
     the preset's U-Net, ε objective (simple, summed), Adam with clipping, EMA, T = 200."""
-    model = make_model(preset, image_shape=IMAGE_SHAPE, conv_impl=conv_impl)
+    model = make_model(preset, image_shape=IMAGE_SHAPE, conv_impl=conv_impl, fused_norm=platform_profile.current().fused_group_norm)
     params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1,) + IMAGE_SHAPE), jnp.ones((1,)))["params"]
     tx = make_optimizer(_optim_config(), steps_per_epoch=500, params=params)
     loss_fn = objectives.get_objective("eps", weighting="simple", reduction="sum")
@@ -143,7 +143,7 @@ def bench_train(preset: str, conv_impls=("phases",), *, batch: int = TRAIN_BATCH
 
 
 def bench_sample(preset: str, *, conv_impl: str = "phases", batch: int = SAMPLE_BATCH, blocks: int = 3):
-    model = make_model(preset, image_shape=IMAGE_SHAPE, conv_impl=conv_impl)
+    model = make_model(preset, image_shape=IMAGE_SHAPE, conv_impl=conv_impl, fused_norm=platform_profile.current().fused_group_norm)
     params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1,) + IMAGE_SHAPE), jnp.ones((1,)))["params"]
     schedule = schedules.make_schedule("linear", 200, beta_start=1e-4, beta_end=0.1)
 
@@ -172,14 +172,15 @@ def main(argv=None) -> int:
     ap.add_argument("--skip_sampling", action="store_true", help="training only")
     ap.add_argument("--skip_training", action="store_true", help="sampling only (with the last --conv_impl)")
     ap.add_argument("--blocks", type=int, default=5, help="timed blocks per measurement (median reported)")
+    ap.add_argument("--platform", choices=platform_profile.PROFILES, default="auto",
+                    help="platform profile, as the entry points' --platform (ddpm_jax.platform_profile)")
     ap.add_argument("--cpu_devices", type=int, default=0,
                     help="CPU only: devices to split each batch over, as experiments.train (default 0: one per core)")
     args = ap.parse_args(argv)
     if args.skip_sampling and args.skip_training:
         ap.error("--skip_sampling and --skip_training leave nothing to measure")
-    malloc_tuning.reexec_if_untuned()  # measure what the entry points run
-    try:
-        cpu_devices.configure(args.cpu_devices, [TRAIN_BATCH, SAMPLE_BATCH])
+    try:  # measure what the entry points run
+        platform_profile.setup(args.platform, cpu_devices=args.cpu_devices, batch_sizes=[TRAIN_BATCH, SAMPLE_BATCH])
     except ValueError as e:
         ap.error(str(e))
     presets = args.preset or ["small", "medium"]

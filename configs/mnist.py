@@ -54,9 +54,10 @@ def get_config(variant: str = "eps") -> ml_collections.ConfigDict:
     c.model.rho_head = variant in ("mean", "xprev")  # μ = ρ0 (x_t − ρ1 δ), the notebook's Coding I head
     c.model.time_input = "index"  # 'index': the network sees t (the notebook) | 'fraction': t / T
     # How the strided, transposed and output convolutions are computed; same parameters and numbers
-    # either way (ddpm_jax/models/scorenet.py CONV_IMPLS). 'phases': the fastest on CPU (docs/performance.md)
-    # | 'stride1': stride-1 convolutions only | 'xla': as written.
-    c.model.conv_impl = "phases"
+    # either way (ddpm_jax/models/scorenet.py CONV_IMPLS). 'auto': the platform profile's ('phases' on
+    # CPU, the fastest there: docs/performance.md; 'xla', stock layers, on GPU/TPU) | 'phases' |
+    # 'stride1': stride-1 convolutions only | 'xla': as written.
+    c.model.conv_impl = "auto"
 
     c.objective = ml_collections.ConfigDict()
     c.objective.name = variant

@@ -1,5 +1,5 @@
 """The strong MNIST recipe: the U-Net of Ho et al. (2020) scaled to 28×28×1 and to 90 minutes of
-training on a 2-core CPU, sampled with DDIM in 100 network evaluations.
+training on a 2-core CPU, sampled with the ancestral sampler in 100 network evaluations.
 
     python -m experiments.train --config configs/mnist_unet.py --workdir runs/mnist_unet \\
         [--config.data.path=DIR]      # offline: a directory of the MNIST IDX files
@@ -12,7 +12,7 @@ Each choice and the measurement behind it (docs/results.md, "The strong recipe")
   (280,177 parameters) and trains at a median 263 images/s here: 25 epochs in 85 minutes. ch 32
   with attention at 14×14 costs 4.4× that (0.40 GFLOP, 1,112,801 parameters), which would leave
   about 6 epochs for the same minutes (model_summary's counts: docs/results/mnist_unet/).
-- Schedule: the paper's T = 1000, linear β 1e-4..0.02, data in [−1, 1]; with DDIM the number of
+- Schedule: the paper's T = 1000, linear β 1e-4..0.02, data in [−1, 1]; with the strided samplers the number of
   network evaluations is set at sampling time, independent of T.
 - Adam 1e-3 after 200 warm-up steps, clipped at norm 1: a network this small trains at it without
   a loss spike (after step 500 no logged training loss above 0.032); no decay, so a checkpoint at
@@ -20,7 +20,10 @@ Each choice and the measurement behind it (docs/results.md, "The strong recipe")
 - EMA 0.999: averages over ~1,000 of the 9,750 steps.
 - No dropout: the run is far from overfitting (validation loss within 2 % of the training loss at
   every evaluation).
-- Sampler: DDIM, η = 0, 100 steps, x̂_0 clipped to [−1, 1] (≤ 100 evaluations per sample).
+- Sampler: the ancestral sampler on 100 respaced steps ('ddim' with η = 1), x̂_0 clipped to
+  [−1, 1]: classifier FID 11.0 against 16.0–17.4 for the deterministic samplers at 100 evaluations
+  (docs/results.md, "Fewer network evaluations"). For about 20 evaluations use
+  ``--method heun --num_steps 10`` or ``--method dpm_solver_pp --num_steps 20``.
 """
 
 import ml_collections
@@ -87,7 +90,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.sampling = ml_collections.ConfigDict()
     c.sampling.method = "ddim"
     c.sampling.num_steps = 100
-    c.sampling.eta = 0.0
+    c.sampling.eta = 1.0  # the ancestral sampler on the respaced steps
     c.sampling.ddpm_variance = "posterior"
     c.sampling.clip_x0 = True  # clip x̂_0 to [-1, 1] each step, as the paper's sampler does
 

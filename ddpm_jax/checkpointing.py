@@ -27,7 +27,7 @@ from typing import Any, Dict, Optional, Tuple
 import jax
 import orbax.checkpoint as ocp
 
-from ddpm_jax import cpu_devices
+from ddpm_jax import platform_profile
 from ddpm_jax.files import OutputError, write_json
 
 __all__ = ["Checkpointer", "CheckpointError", "CheckpointMismatchError", "CheckpointWriteError", "async_save_is_safe",
@@ -68,14 +68,14 @@ def read_config_json(workdir: str) -> Optional[Dict[str, Any]]:
 
 
 def async_save_is_safe() -> bool:
-    """False on a CPU backend with several local devices (``ddpm_jax.cpu_devices``), True otherwise.
+    """False under the CPU profile with several local CPU devices (``ddpm_jax.platform_profile``), True otherwise.
 
     There, Orbax's background save running beside the training step deadlocks XLA:CPU: the step's
     gradient all-reduce waits for a device whose thread never joins, and XLA aborts the process
     after 40 s ("Termination timeout for all reduce ... of 40 seconds exceeded"). A synchronous
     save of this project's states takes well under a second, so there the saves are synchronous.
     """
-    return not cpu_devices.shared_thread_pool()
+    return platform_profile.async_checkpoints()
 
 
 class Checkpointer:

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import cpu_devices, data, objectives, plots, sampling, schedules
+from ddpm_jax import data, objectives, platform_profile, plots, sampling, schedules
 from ddpm_jax.checkpointing import (Checkpointer, CheckpointError, read_config_json, remove_partial_checkpoints,
                                     write_config_json)
 from ddpm_jax.config import ConfigError, schedule_from_config, validate_config
@@ -324,6 +324,7 @@ def _train_and_evaluate(config, workdir: str, *, arrays, progress: bool, restore
         fn = make_model_fn(model.apply, ema_params, time_input=config.model.time_input, num_steps=sched.num_steps)
         return sampling.sample(fn, sched, (n_grid,) + image_shape, key, method=config.sampling.method,
                                num_steps=config.sampling.get("num_steps", 0) or None, eta=config.sampling.get("eta", 0.0),
+                               grid=config.sampling.get("grid", "") or None,
                                ddpm_variance=config.sampling.ddpm_variance, parameterisation=param_kind,
                                clip_x0=data.data_range(d.scale) if config.sampling.clip_x0 else None)
 
@@ -357,7 +358,7 @@ def _train_and_evaluate(config, workdir: str, *, arrays, progress: bool, restore
     max_bad = config.train.max_nonfinite_steps
     bad_streak, bad_total = 0, 0  # steps skipped for a non-finite loss/gradient: in a row, in all
     pending = []
-    window = cpu_devices.DispatchWindow(cpu_devices.shared_thread_pool())  # no all-reduce deadlock
+    window = platform_profile.dispatch_window()  # no all-reduce deadlock on XLA:CPU
     t_log, n_log = time.time(), 0
     log_every = config.train.log_every_steps
 

@@ -24,6 +24,33 @@ def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
     sys.exit(code)
 
 
+def define_platform_flag() -> None:
+    """--platform: the platform profile an entry point applies first (``ddpm_jax.platform_profile``)."""
+    flags.DEFINE_enum("platform", "auto", ["auto", "cpu", "accelerator"], "Platform profile: 'cpu' (glibc malloc "
+                      "settings, one virtual device per core, the CPU kernels), 'accelerator' (stock layers, no process "
+                      "set-up), or 'auto': 'cpu' exactly when JAX's backend is the CPU.")
+
+
+def earlier_rows(json_path: str, header: dict, keys) -> list:
+    """The ``rows`` of an earlier call's JSON at ``json_path`` (none if absent), after checking that
+    it was written with the same ``header[k]`` for every k in ``keys``; else one error line, exit 2
+    (a file of other settings is never overwritten)."""
+    import json
+    import os
+
+    if not os.path.exists(json_path):
+        return []
+    try:
+        with open(json_path) as f:
+            old = json.load(f)
+        same = all(old.get(k) == json.loads(json.dumps(header[k])) for k in keys)  # tuples read back as lists
+    except (OSError, ValueError, AttributeError) as e:
+        fail(f"{json_path} cannot be read ({e}); move it away or give another --out_dir")
+    if not same:
+        fail(f"{json_path} holds scores of other settings (run {old.get('workdir')}); give another --out_dir")
+    return old["rows"]
+
+
 def _config_overrides(argv):
     return [a.split("=", 1)[0][2:] for a in argv if a.startswith("--config.")]
 

@@ -16,7 +16,6 @@ and ``fid_vs_minutes_<sampler>_n<N>.png`` (``_seed<S>`` added for a seed other t
 running trainer.
 """
 
-import json
 import os
 import time
 
@@ -38,6 +37,7 @@ flags.DEFINE_string("data_path", None, "Override the run's config.data.path.")
 flags.DEFINE_string("out_dir", None, "Where to write the JSON and the plot (default: <workdir>/eval).")
 flags.DEFINE_integer("cpu_devices", 0, "CPU only: JAX devices to split each batch over; 0 = one per core. "
                      "No effect on GPU/TPU.", lower_bound=0)
+cli.define_platform_flag()
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -87,10 +87,9 @@ def main(argv):
     from experiments import sampler_flags
 
     sampler_flags.quiet_logs()
-    from ddpm_jax import cpu_devices, malloc_tuning
+    from ddpm_jax import platform_profile
 
-    malloc_tuning.reexec_if_untuned()
-    cpu_devices.configure(FLAGS.cpu_devices, [FLAGS.batch_size])
+    platform_profile.setup(FLAGS.platform, cpu_devices=FLAGS.cpu_devices, batch_sizes=[FLAGS.batch_size])
     import jax
     import numpy as np
 
@@ -118,16 +117,7 @@ def main(argv):
     sampler = {k: v for k, v in opts.items() if k != "clip_x0"}
     out = {"workdir": workdir, "sampler": sampler, "sampler_tag": tag, "clip_x0": opts["clip_x0"],
            "num_samples": FLAGS.num, "seed": FLAGS.seed, "rows": []}
-    if os.path.exists(json_path):  # an earlier call's rows are kept, and its steps not sampled again
-        try:
-            with open(json_path) as f:
-                old = json.load(f)
-            same = all(old.get(k) == out[k] for k in ("workdir", "sampler", "num_samples", "seed"))
-        except (OSError, ValueError, AttributeError) as e:
-            cli.fail(f"{json_path} cannot be read ({e}); move it away or give another --out_dir")
-        if not same:
-            cli.fail(f"{json_path} holds scores of other settings (run {old.get('workdir')}); give another --out_dir")
-        out["rows"] = old["rows"]
+    out["rows"] = cli.earlier_rows(json_path, out, ("workdir", "sampler", "num_samples", "seed"))  # kept, not sampled again
     done = {r["step"] for r in out["rows"]} & set(steps)
     key = jax.random.PRNGKey(FLAGS.seed)
     print(f"{workdir}: steps {', '.join(map(str, steps))}; {tag}, N={FLAGS.num}"

@@ -29,18 +29,21 @@ def define_flags(study: str) -> None:
     flags.DEFINE_integer("cpu_devices", 0, "CPU only: JAX devices to split each batch over; 0 = one per core (the largest "
                          "count <= the cores that divides the training and sampling batches). No effect on GPU/TPU.",
                          lower_bound=0)
+    from experiments import cli
+
+    cli.define_platform_flag()
 
 
 def start(study: str):
-    """(config, workdir) from the flags: the workdir created, the CPU device count set
-    (``ddpm_jax.cpu_devices``); exits with one line if --config is another study's or the workdir
+    """(config, workdir) from the flags: the workdir created, the platform profile applied
+    (``ddpm_jax.platform_profile``); exits with one line if --config is another study's or the workdir
     is unusable."""
     config = FLAGS.config
-    from ddpm_jax import cpu_devices, malloc_tuning
+    from ddpm_jax import platform_profile
     from experiments import sampler_flags
 
-    malloc_tuning.reexec_if_untuned()
-    cpu_devices.configure(FLAGS.cpu_devices, [config.train.batch_size, config.eval.batch_size])
+    platform_profile.setup(FLAGS.platform, cpu_devices=FLAGS.cpu_devices,
+                           batch_sizes=[config.train.batch_size, config.eval.batch_size])
 
     sampler_flags.quiet_logs()
     if config.study != study:

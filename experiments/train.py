@@ -30,19 +30,21 @@ flags.DEFINE_integer("cpu_devices", 0, "CPU only: JAX devices to split each batc
                      "--xla_force_host_platform_device_count wins. No effect on GPU/TPU.", lower_bound=0)
 flags.DEFINE_integer("restore_step", None, "Resume from this checkpoint step instead of the newest; newer checkpoints are "
                      "moved to <workdir>/checkpoints_set_aside/ (not deleted) and their metrics rows dropped.", lower_bound=0)
+cli.define_platform_flag()
 flags.mark_flags_as_required(["config"])
 
 
 def _init_devices() -> None:
-    """CPU device count (``ddpm_jax.cpu_devices``), then ``jax.distributed.initialize`` when asked
-    for: both before any JAX computation."""
-    from ddpm_jax import cpu_devices, malloc_tuning
+    """The platform profile (``ddpm_jax.platform_profile``: on the CPU, the device count), then
+    ``jax.distributed.initialize`` when asked for: both before any JAX computation."""
+    from ddpm_jax import platform_profile
 
-    malloc_tuning.reexec_if_untuned()  # first: the process may start again from here
     explicit = {k: FLAGS[k].value for k in ("coordinator_address", "num_processes", "process_id") if FLAGS[k].value is not None}
     distributed = FLAGS.distributed or explicit
-    if FLAGS["cpu_devices"].present or not distributed:  # auto only for one process: its batch is the global one
-        cpu_devices.configure(FLAGS.cpu_devices, [FLAGS.config.train.batch_size])
+    # first: under the CPU profile the process may start again from here. The CPU device count is
+    # automatic only for one process, whose batch is the global one.
+    platform_profile.setup(FLAGS.platform, cpu_devices=FLAGS.cpu_devices, batch_sizes=[FLAGS.config.train.batch_size],
+                           set_devices=FLAGS["cpu_devices"].present or not distributed)
     if not distributed:
         return
     if explicit and len(explicit) != 3:

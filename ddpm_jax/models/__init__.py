@@ -66,7 +66,8 @@ PRESETS = {
 
 def make_model(preset_or_channels: Union[str, Sequence[int]], *, image_shape: Sequence[int],
                rho_head: bool = False, embed_dim: int = 256, num_groups: int = 4,
-               fourier_scale: float = 30.0, dtype: Any = jnp.float32, conv_impl: str = "xla") -> ScoreNet:
+               fourier_scale: float = 30.0, dtype: Any = jnp.float32, conv_impl: str = "xla",
+               fused_norm: bool = True) -> ScoreNet:
     """Builds a ``ScoreNet`` from a preset name ('small' | 'medium' | 'large') or 4 widths.
 
     ``conv_impl`` picks how the strided, transposed and output convolutions are computed
@@ -88,7 +89,7 @@ def make_model(preset_or_channels: Union[str, Sequence[int]], *, image_shape: Se
     check_image_shape(image_shape)
     model = ScoreNet(channels=tuple(int(c) for c in channels), embed_dim=embed_dim,
                      num_groups=num_groups, fourier_scale=fourier_scale, out_channels=None,
-                     rho_head=rho_head, dtype=dtype, conv_impl=conv_impl)
+                     rho_head=rho_head, dtype=dtype, conv_impl=conv_impl, fused_norm=fused_norm)
     x = jax.ShapeDtypeStruct((1, *tuple(int(d) for d in image_shape)), jnp.float32)
     t = jax.ShapeDtypeStruct((1,), jnp.float32)
     jax.eval_shape(model.init, jax.random.PRNGKey(0), x, t)
@@ -136,20 +137,28 @@ def model_name(model_config) -> str:
     return _get(model_config, "name", "scorenet")
 
 
-def model_from_config(model_config, image_shape: Sequence[int]):
+def model_from_config(model_config, image_shape: Sequence[int], profile=None):
     """The network that a config's ``model`` section describes, for images ``(H, W, C)``.
 
     ``name`` 'scorenet' (or absent): :func:`make_model` with ``preset``, ``rho_head``,
-    ``embed_dim``, ``num_groups``, ``fourier_scale``, ``conv_impl`` (absent: 'xla'). 'unet':
-    :func:`make_ddpm_unet` with ``ch``, ``ch_mult``, ``num_res_blocks``, ``attn_resolutions``,
-    ``dropout``, ``num_groups``. Validated before anything is compiled: ``ValueError``, one line.
+    ``embed_dim``, ``num_groups``, ``fourier_scale``, ``conv_impl`` ('auto' or absent: the
+    platform profile's, ``ddpm_jax.platform_profile``), and the profile's choice of fused or stock
+    GroupNorm. 'unet': :func:`make_ddpm_unet` with ``ch``, ``ch_mult``, ``num_res_blocks``,
+    ``attn_resolutions``, ``dropout``, ``num_groups`` (stock layers on every platform). ``profile``:
+    a :class:`ddpm_jax.platform_profile.Profile` (default: this process's). Validated before
+    anything is compiled: ``ValueError``, one line.
     """
+    from ddpm_jax import platform_profile
+
+    profile = profile or platform_profile.current()
+    conv_impl = _get(model_config, "conv_impl", "auto")
+    conv_impl = profile.conv_impl if conv_impl == "auto" else conv_impl
     name = model_name(model_config)
     m = model_config
     if name == "scorenet":
         return make_model(m["preset"], image_shape=image_shape, rho_head=m["rho_head"], embed_dim=m["embed_dim"],
                           num_groups=m["num_groups"], fourier_scale=m["fourier_scale"],
-                          conv_impl=_get(m, "conv_impl", "xla"))
+                          conv_impl=conv_impl, fused_norm=profile.fused_group_norm)
     if name == "unet":
         if _get(m, "rho_head", False):
             raise ValueError("model.rho_head = True: the ρ-head is a ScoreNet option (model.name='scorenet')")

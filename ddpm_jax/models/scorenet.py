@@ -266,6 +266,8 @@ class ScoreNet(nn.Module):
         features and GroupNorm statistics are computed in float32; the output is float32).
       conv_impl: 'xla', 'stride1' or 'phases' (see ``CONV_IMPLS``): how the input, strided,
         transposed and output convolutions are computed; the parameters are the same either way.
+      fused_norm: swish(GN(h + b)) as one fused block (``GroupNormSwish``, the CPU profile's) or
+        as stock ``nn.GroupNorm`` then swish; the same parameters and numbers up to rounding.
 
     Call: ``x`` ``(B, H, W, C)`` float, ``t`` ``(B,)`` (or a scalar, broadcast) ints or floats used
     as given → ``(B, H, W, out_channels)`` float32. Unusable shapes or widths raise ``ValueError``
@@ -280,6 +282,7 @@ class ScoreNet(nn.Module):
     rho_head: bool = False
     dtype: Any = jnp.float32
     conv_impl: str = "xla"
+    fused_norm: bool = True
 
     def _dense(self, features: int, fan_in: int, name: str):
         init = torch_uniform_init(fan_in)
@@ -297,7 +300,10 @@ class ScoreNet(nn.Module):
 
     def _norm_act(self, name: str):
         """(h, tb) → swish(GN(h + tb)), tb (B, C): one block (same parameters as ``GroupNorm``)."""
-        return GroupNormSwish(num_groups=self.num_groups, epsilon=1e-5, dtype=self.dtype, name=name)
+        if self.fused_norm:
+            return GroupNormSwish(num_groups=self.num_groups, epsilon=1e-5, dtype=self.dtype, name=name)
+        norm = nn.GroupNorm(num_groups=self.num_groups, epsilon=1e-5, use_fast_variance=False, dtype=self.dtype, name=name)
+        return lambda h, tb: nn.swish(norm(h + tb[:, None, None, :].astype(h.dtype)))
 
     @nn.compact
     def __call__(self, x, t):
