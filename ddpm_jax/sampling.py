@@ -225,11 +225,7 @@ def sample(
         return x_prev, out
 
     x_0, outs = jax.lax.scan(step, x_T, (ts, t_prevs))
-    if not return_trajectory:
-        return x_0
-    xs, x0s, epss = outs
-    traj = {"t": ts, "x": jnp.concatenate([x_T[None], xs], axis=0), "x0": x0s, "eps": epss}
-    return x_0, traj
+    return (x_0, solvers.trajectory(ts, x_T, outs)) if return_trajectory else x_0
 
 
 def sample_in_batches(sample_fn: Callable, num: int, batch_size: int, key, *, progress: bool = True) -> np.ndarray:

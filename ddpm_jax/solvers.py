@@ -39,7 +39,14 @@ import jax.numpy as jnp
 from ddpm_jax import step_grids
 from ddpm_jax.schedules import Schedule
 
-__all__ = ["dpm_solver_pp", "heun", "heun_churn_steps"]
+__all__ = ["dpm_solver_pp", "heun", "heun_churn_steps", "trajectory"]
+
+
+def trajectory(ts, x_T, outs):
+    """The samplers' trajectory dict from the steps ``ts`` (T first) and the scan's stacked
+    (x after each step, x̂_0, ε̂): 't' (S,), 'x' (S+1, ...) with x_T first, 'x0' and 'eps' (S, ...)."""
+    xs, x0s, epss = outs
+    return {"t": ts, "x": jnp.concatenate([x_T[None], xs], axis=0), "x0": x0s, "eps": epss}
 
 
 def _at(arr, t, x):
@@ -74,10 +81,7 @@ def dpm_solver_pp(denoise: Callable, schedule: Schedule, x_T, taus, *, return_tr
         return (x_next, x0_hat), ((x_next, x0_hat, eps_hat) if return_trajectory else None)
 
     (x_0, _), outs = jax.lax.scan(step, (x_T, jnp.zeros_like(x_T)), (ts, w, ratio, coef))
-    if not return_trajectory:
-        return x_0
-    xs, x0s, epss = outs
-    return x_0, {"t": ts, "x": jnp.concatenate([x_T[None], xs], axis=0), "x0": x0s, "eps": epss}
+    return (x_0, trajectory(ts, x_T, outs)) if return_trajectory else x_0
 
 
 def heun_churn_steps(schedule: Schedule, taus, s_churn: float, s_tmin: float, s_tmax: float):
@@ -87,7 +91,7 @@ def heun_churn_steps(schedule: Schedule, taus, s_churn: float, s_tmin: float, s_
     sig = step_grids.sigmas(schedule)
     gamma = jnp.where((sig[ts] >= s_tmin) & (sig[ts] <= s_tmax), min(s_churn / S, math.sqrt(2.0) - 1.0), 0.0)
     target = -jnp.log(sig[ts] * (1.0 + gamma))  # as a λ
-    snapped = step_grids._snap(schedule, target)
+    snapped = step_grids.snap(schedule, target)
     return jnp.where(gamma > 0, jnp.maximum(snapped, ts), ts).astype(jnp.int32)
 
 
@@ -130,7 +134,4 @@ def heun(denoise: Callable, schedule: Schedule, x_T, taus, key, *, s_churn: floa
         return x_next, out
 
     x_0, outs = jax.lax.scan(step, x_T / _at(alpha, ts[0], x_T), (ts, t_hat, t_next, churn_std))
-    if not return_trajectory:
-        return x_0
-    xs, x0s, epss = outs
-    return x_0, {"t": ts, "x": jnp.concatenate([x_T[None], xs], axis=0), "x0": x0s, "eps": epss}
+    return (x_0, trajectory(ts, x_T, outs)) if return_trajectory else x_0

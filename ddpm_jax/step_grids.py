@@ -27,7 +27,7 @@ import numpy as np
 
 from ddpm_jax.schedules import Schedule
 
-__all__ = ["GRIDS", "EDM_RHO", "ddim_timesteps", "timestep_grid", "log_snr", "sigmas"]
+__all__ = ["GRIDS", "EDM_RHO", "ddim_timesteps", "timestep_grid", "log_snr", "sigmas", "snap"]
 
 GRIDS = ("uniform_t", "lambda", "edm")
 EDM_RHO = 7.0
@@ -53,7 +53,7 @@ def sigmas(schedule: Schedule) -> jnp.ndarray:
     return schedule.sqrt_one_minus_alpha_bars / schedule.sqrt_alpha_bars
 
 
-def _snap(schedule: Schedule, targets) -> jnp.ndarray:
+def snap(schedule: Schedule, targets) -> jnp.ndarray:
     """The integer steps in 1..T whose λ_t is nearest each target λ (targets ``(S,)``, any order)."""
     lam = log_snr(schedule)[1:]  # t = 1..T, decreasing
     # searchsorted needs increasing values: −λ_t increases with t.
@@ -90,4 +90,4 @@ def timestep_grid(schedule: Schedule, num_steps: int, kind: str = "uniform_t") -
         s_max, s_min = jnp.exp(-lam[T]) ** inv_rho, jnp.exp(-lam[1]) ** inv_rho
         sig = (s_max + (1.0 - frac) * (s_min - s_max)) ** EDM_RHO
         targets = -jnp.log(sig)
-    return _distinct(_snap(schedule, targets), T)
+    return _distinct(snap(schedule, targets), T)

@@ -24,6 +24,23 @@ def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
     sys.exit(code)
 
 
+def define_scoring_flags(per: str) -> None:
+    """The flags of the scripts that sample a run and score the samples (``score_checkpoints``,
+    ``study_samplers``): --workdir (required), --num, --batch_size, --seed, --data_source,
+    --data_path, --out_dir, --cpu_devices, --platform. ``per``: what one set of --num samples is for."""
+    flags.DEFINE_string("workdir", None, "A run directory written by experiments.train.")
+    flags.DEFINE_integer("num", 2000, f"Samples per {per}, and real images per comparison.", lower_bound=2)
+    flags.DEFINE_integer("batch_size", 500, "Samples per compiled batch.", lower_bound=1)
+    flags.DEFINE_integer("seed", 0, f"Seed for sampling and for the random real subsets (the same for every {per}).")
+    flags.DEFINE_string("data_source", None, "Override the run's config.data.source (e.g. idx).")
+    flags.DEFINE_string("data_path", None, "Override the run's config.data.path.")
+    flags.DEFINE_string("out_dir", None, "Where to write the JSON and the plots (default: <workdir>/eval).")
+    flags.DEFINE_integer("cpu_devices", 0, "CPU only: JAX devices to split each batch over; 0 = one per core. "
+                         "No effect on GPU/TPU.", lower_bound=0)
+    define_platform_flag()
+    flags.mark_flags_as_required(["workdir"])
+
+
 def define_platform_flag() -> None:
     """--platform: the platform profile an entry point applies first (``ddpm_jax.platform_profile``)."""
     flags.DEFINE_enum("platform", "auto", ["auto", "cpu", "accelerator"], "Platform profile: 'cpu' (glibc malloc "

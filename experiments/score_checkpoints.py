@@ -24,21 +24,11 @@ from absl import app, flags
 from experiments import cli
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "A run directory written by experiments.train.")
+cli.define_scoring_flags("checkpoint")
 flags.DEFINE_string("steps", "", "Comma-separated checkpoint steps (default: every kept checkpoint).")
-flags.DEFINE_integer("num", 2000, "Samples per checkpoint, and real images per comparison.", lower_bound=2)
-flags.DEFINE_integer("batch_size", 500, "Samples per compiled batch.", lower_bound=1)
 flags.DEFINE_string("method", None, "Sampler (default: the run's config.sampling.method).")
 flags.DEFINE_integer("num_steps", None, "DDIM steps (default: the run's config.sampling.num_steps, else T).")
 flags.DEFINE_float("eta", None, "DDIM eta in [0, 1] (default: the run's config.sampling.eta, else 0).")
-flags.DEFINE_integer("seed", 0, "Seed for sampling and for the random real subsets (the same at every checkpoint).")
-flags.DEFINE_string("data_source", None, "Override the run's config.data.source (e.g. idx).")
-flags.DEFINE_string("data_path", None, "Override the run's config.data.path.")
-flags.DEFINE_string("out_dir", None, "Where to write the JSON and the plot (default: <workdir>/eval).")
-flags.DEFINE_integer("cpu_devices", 0, "CPU only: JAX devices to split each batch over; 0 = one per core. "
-                     "No effect on GPU/TPU.", lower_bound=0)
-cli.define_platform_flag()
-flags.mark_flags_as_required(["workdir"])
 
 
 def _steps(ckpt_dir: str):

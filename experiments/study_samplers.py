@@ -29,21 +29,11 @@ from absl import app, flags
 from experiments import cli
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "A run directory written by experiments.train.")
+cli.define_scoring_flags("setting")
 flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-flags.DEFINE_integer("num", 2000, "Samples per setting, and real images per comparison.", lower_bound=2)
-flags.DEFINE_integer("batch_size", 500, "Samples per compiled batch.", lower_bound=1)
 flags.DEFINE_string("nfe", "5,10,20,50,100", "Comma-separated budgets of network evaluations per sample.")
 flags.DEFINE_string("methods", "ancestral,ddim,dpm_solver_pp,heun", "Comma-separated methods (module docstring).")
 flags.DEFINE_float("s_churn", 10.0, "S_churn of 'heun_churn' (S_tmin 0, S_tmax inf, S_noise 1).", lower_bound=0.0)
-flags.DEFINE_integer("seed", 0, "Seed for sampling and for the random real subsets.")
-flags.DEFINE_string("data_source", None, "Override the run's config.data.source (e.g. idx).")
-flags.DEFINE_string("data_path", None, "Override the run's config.data.path.")
-flags.DEFINE_string("out_dir", None, "Where to write the JSON and the plots (default: <workdir>/eval).")
-flags.DEFINE_integer("cpu_devices", 0, "CPU only: JAX devices to split each batch over; 0 = one per core. "
-                     "No effect on GPU/TPU.", lower_bound=0)
-cli.define_platform_flag()
-flags.mark_flags_as_required(["workdir"])
 
 #: study name -> (sampling method, fixed options)
 METHODS = {

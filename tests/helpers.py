@@ -148,3 +148,12 @@ class FakeArray:
     def block_until_ready(self):
         self.log.append(self.name)
         return self
+
+
+def run_module(module, *args, timeout=600):
+    """``python -m module args...`` from the repository root on the CPU (:func:`cpu_env`), output captured."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO, capture_output=True, text=True,
+                          env=cpu_env(), timeout=timeout)

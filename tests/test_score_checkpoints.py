@@ -3,13 +3,11 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
 from ddpm_jax.config import ConfigError, validate_config
-from helpers import REPO, STD_NAMES, cli_args, cpu_env, make_digits_like, tiny_config, write_dir
+from helpers import STD_NAMES, cli_args, make_digits_like, run_module, tiny_config, write_dir
 
 
 @pytest.mark.parametrize("key, value, fragment", [
@@ -30,24 +28,19 @@ def test_default_steps_need_ddim():
     validate_config(tiny_config("eps", **{"sampling.num_steps": 0}))  # 0: every step, any method
 
 
-def _run(module, *args, timeout=600):
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO, capture_output=True, text=True,
-                          env=cpu_env(), timeout=timeout)
-
-
 def test_score_checkpoints_scores_each_kept_step_against_training_time(tmp_path):
     idx_dir = write_dir(tmp_path / "idx", make_digits_like(), STD_NAMES, ".gz")
     work = tmp_path / "run"
     args = cli_args(idx_dir, work, 6, sampling__method="ddim", sampling__num_steps=5)
-    train = _run("experiments.train", *args)
+    train = run_module("experiments.train", *args)
     assert train.returncode == 0, train.stderr[-3000:]
 
     # experiments.sample takes the config's DDIM steps when no flag is given
-    sample = _run("experiments.sample", "--workdir", work, "--num", 4, "--batch_size", 4)
+    sample = run_module("experiments.sample", "--workdir", work, "--num", 4, "--batch_size", 4)
     assert sample.returncode == 0, sample.stderr[-3000:]
     assert os.path.exists(work / "samples" / "ddim_steps5_eta0" / "samples.npz")
 
-    score = _run("experiments.score_checkpoints", "--workdir", work, "--num", 8, "--batch_size", 8)
+    score = run_module("experiments.score_checkpoints", "--workdir", work, "--num", 8, "--batch_size", 8)
     assert score.returncode == 0, score.stderr[-3000:]
     path = work / "eval" / "checkpoints_ddim_steps5_eta0_n8.json"
     out = json.load(open(path))
@@ -62,12 +55,12 @@ def test_score_checkpoints_scores_each_kept_step_against_training_time(tmp_path)
     assert os.path.getsize(work / "eval" / "fid_vs_minutes_ddim_steps5_eta0_n8.png") > 0
 
     # a rerun with the same settings keeps the rows it finds and does not sample their steps again
-    again = _run("experiments.score_checkpoints", "--workdir", work, "--num", 8, "--batch_size", 8, "--steps", 6)
+    again = run_module("experiments.score_checkpoints", "--workdir", work, "--num", 8, "--batch_size", 8, "--steps", 6)
     assert again.returncode == 0 and "reusing 6" in again.stdout, again.stderr[-3000:]
     assert json.load(open(path))["rows"] == rows
 
     # a step that is not kept: one line, exit 2, the JSON untouched
-    missing = _run("experiments.score_checkpoints", "--workdir", work, "--num", 8, "--steps", "4")
+    missing = run_module("experiments.score_checkpoints", "--workdir", work, "--num", 8, "--steps", "4")
     assert missing.returncode == 2
     assert missing.stderr.strip().splitlines() == [f"error: --steps: {work / 'checkpoints'} has no checkpoint of step 4 (it has: 3, 6)"]
     assert json.load(open(path))["rows"] == rows
@@ -77,6 +70,6 @@ def test_score_checkpoints_scores_each_kept_step_against_training_time(tmp_path)
     other.mkdir()
     foreign = dict(out, workdir="/elsewhere/run")
     (other / path.name).write_text(json.dumps(foreign))
-    clash = _run("experiments.score_checkpoints", "--workdir", work, "--num", 8, "--out_dir", other)
+    clash = run_module("experiments.score_checkpoints", "--workdir", work, "--num", 8, "--out_dir", other)
     assert clash.returncode == 2 and "holds scores of other settings (run /elsewhere/run)" in clash.stderr
     assert json.loads((other / path.name).read_text()) == foreign

@@ -3,43 +3,36 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 
-from helpers import REPO, STD_NAMES, cli_args, cpu_env, make_digits_like, write_dir
-
-
-def _run(module, *args, timeout=600):
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO, capture_output=True, text=True,
-                          env=cpu_env(), timeout=timeout)
+from helpers import STD_NAMES, cli_args, make_digits_like, run_module, write_dir
 
 
 def test_fast_samplers_from_the_command_line(tmp_path):
     idx_dir = write_dir(tmp_path / "idx", make_digits_like(), STD_NAMES, ".gz")
     work = tmp_path / "run"
-    train = _run("experiments.train", *cli_args(idx_dir, work, 3))
+    train = run_module("experiments.train", *cli_args(idx_dir, work, 3))
     assert train.returncode == 0, train.stderr[-3000:]
 
     # experiments.sample with each new method; the output directory names the settings
     for args, tag in ((("--method", "dpm_solver_pp", "--num_steps", 4), "dpm_solver_pp_steps4"),
                       (("--method", "heun", "--num_steps", 3, "--s_churn", 1.0), "heun_steps3_churn1"),
                       (("--method", "heun", "--num_steps", 3, "--grid", "uniform_t"), "heun_steps3_uniform_t")):
-        sample = _run("experiments.sample", "--workdir", work, "--num", 4, "--batch_size", 4, *args)
+        sample = run_module("experiments.sample", "--workdir", work, "--num", 4, "--batch_size", 4, *args)
         assert sample.returncode == 0, sample.stderr[-3000:]
         x = np.load(work / "samples" / tag / "samples.npz")["samples"]
         assert x.shape == (4, 8, 8, 1) and np.all(np.isfinite(x))
 
     # a churn setting on a method without churn: one line, exit 2, nothing sampled
-    bad = _run("experiments.sample", "--workdir", work, "--num", 4, "--method", "dpm_solver_pp", "--num_steps", 4,
+    bad = run_module("experiments.sample", "--workdir", work, "--num", 4, "--method", "dpm_solver_pp", "--num_steps", 4,
                "--s_churn", 1.0)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "settings of method 'heun'" in bad.stderr
 
     # the study: every method at every budget, NFE recorded as spent (Heun: 2S − 1 ≤ budget)
     out_dir = tmp_path / "eval"
-    study = _run("experiments.study_samplers", "--workdir", work, "--num", 8, "--batch_size", 8, "--nfe", "3,4",
+    study = run_module("experiments.study_samplers", "--workdir", work, "--num", 8, "--batch_size", 8, "--nfe", "3,4",
                  "--methods", "ancestral,ddim,dpm_solver_pp,heun:uniform_t", "--out_dir", out_dir)
     assert study.returncode == 0, study.stderr[-3000:]
     path = out_dir / "samplers_n8.json"
@@ -57,7 +50,7 @@ def test_fast_samplers_from_the_command_line(tmp_path):
         assert os.path.getsize(out_dir / f"fid_vs_{kind}_n8.png") > 0
 
     # a rerun keeps the rows it finds and samples only what is new
-    again = _run("experiments.study_samplers", "--workdir", work, "--num", 8, "--batch_size", 8, "--nfe", "3",
+    again = run_module("experiments.study_samplers", "--workdir", work, "--num", 8, "--batch_size", 8, "--nfe", "3",
                  "--methods", "ddim,heun", "--out_dir", out_dir)
     assert again.returncode == 0, again.stderr[-3000:]
     rows = json.load(open(path))["rows"]
@@ -67,6 +60,6 @@ def test_fast_samplers_from_the_command_line(tmp_path):
     for args, fragment in ((("--methods", "euler"), "unknown method 'euler'"),
                            (("--methods", "heun:log"), "unknown grid 'log'"),
                            (("--nfe", "0,5"), "budgets must be integers >= 1")):
-        bad = _run("experiments.study_samplers", "--workdir", work, "--num", 8, "--out_dir", out_dir, *args)
+        bad = run_module("experiments.study_samplers", "--workdir", work, "--num", 8, "--out_dir", out_dir, *args)
         assert bad.returncode == 2 and fragment in bad.stderr, (args, bad.stderr[-2000:])
     assert json.load(open(path))["rows"] == rows
