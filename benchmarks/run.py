@@ -77,14 +77,15 @@ def _median_rates(fns, items_per_call: int, *, blocks: int, calls_per_block: int
     return {name: statistics.median(r) for name, r in rates.items()}
 
 
-def setup_train(preset: str, conv_impl: str = "phases", batch: int = TRAIN_BATCH):
+def setup_train(preset: str, conv_impl: str = "phases", batch: int = TRAIN_BATCH, flat_allreduce=None):
     """(Parallel runner, placed state, schedule, placed batch) of the benchmarked training step:
-    the preset's U-Net, ε objective (simple, summed), Adam with clipping, EMA, T = 200."""
+    the preset's U-Net, ε objective (simple, summed), Adam with clipping, EMA, T = 200.
+    ``flat_allreduce``: how the gradients are reduced (``train_step.Parallel``; None: the profile's)."""
     model = make_model(preset, image_shape=IMAGE_SHAPE, conv_impl=conv_impl, fused_norm=platform_profile.current().fused_group_norm)
     params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1,) + IMAGE_SHAPE), jnp.ones((1,)))["params"]
     tx = make_optimizer(_optim_config(), steps_per_epoch=500, params=params)
     loss_fn = objectives.get_objective("eps", weighting="simple", reduction="sum")
-    par = Parallel(StepConfig(model.apply, loss_fn, tx, 0.999, "index"), mode="jit")
+    par = Parallel(StepConfig(model.apply, loss_fn, tx, 0.999, "index"), mode="jit", flat_allreduce=flat_allreduce)
     schedule = schedules.make_schedule("linear", 200, beta_start=1e-4, beta_end=0.1)
     state = par.put_state(create_train_state(params, tx, jax.random.PRNGKey(1)))
     x = par.put_batch(np.random.default_rng(0).random((batch,) + IMAGE_SHAPE, dtype=np.float32))
@@ -111,12 +112,18 @@ def _stepper(compiled, state, schedule, x):
     return step, window.wait, counts
 
 
-def bench_train(preset: str, conv_impls=("phases",), *, batch: int = TRAIN_BATCH, blocks: int = 5, steps: int = 20):
-    """{conv_impl: [(name, value, unit), ...]} of the training step, each formulation compiled and
-    warmed up first, then timed in interleaved blocks."""
+#: ``--allreduce``: the gradient reduction of the jit step (``train_step.Parallel``'s flat_allreduce).
+ALLREDUCE = {"profile": None, "flat": True, "xla": False}
+
+
+def bench_train(preset: str, conv_impls=("phases",), *, batch: int = TRAIN_BATCH, blocks: int = 5, steps: int = 20,
+                allreduce=("profile",)):
+    """{(conv_impl, allreduce): [(name, value, unit), ...]} of the training step, each variant
+    compiled and warmed up first, then timed in interleaved blocks."""
     steppers, finishers, results = {}, {}, {}
-    for impl in conv_impls:
-        par, state, schedule, x = setup_train(preset, impl, batch)
+    for impl, reduction in ((i, r) for i in conv_impls for r in allreduce):
+        par, state, schedule, x = setup_train(preset, impl, batch, ALLREDUCE[reduction])
+        impl = (impl, reduction)
         t0 = time.perf_counter()
         compiled = par.compile_train(state, schedule, x)
         compile_s = time.perf_counter() - t0
@@ -168,6 +175,9 @@ def main(argv=None) -> int:
     ap.add_argument("--conv_impl", choices=CONV_IMPLS, action="append",
                     help="model.conv_impl: how the strided/transposed convolutions are computed "
                          "(default: all, timed in interleaved blocks; sampling with the last)")
+    ap.add_argument("--allreduce", choices=sorted(ALLREDUCE), action="append",
+                    help="the jit step's gradient reduction: 'flat' (shard_map, one flat all-reduce), 'xla' (jit with "
+                         "a NamedSharding batch), 'profile' (the platform profile's; default). Several: interleaved")
     ap.add_argument("--json", action="store_true", help="one JSON object per line")
     ap.add_argument("--skip_sampling", action="store_true", help="training only")
     ap.add_argument("--skip_training", action="store_true", help="sampling only (with the last --conv_impl)")
@@ -189,24 +199,27 @@ def main(argv=None) -> int:
     for preset in presets:
         impls = args.conv_impl or list(CONV_IMPLS)
         # fewer steps per block for medium (13x the FLOPs) keeps each block ~ a few seconds
+        reductions = args.allreduce or ["profile"]
         train = {} if args.skip_training else bench_train(preset, impls, blocks=args.blocks,
-                                                           steps=20 if preset == "small" else 4)
-        for impl in impls:
-            results = list(train.get(impl, []))
-            if not args.skip_sampling and impl == impls[-1]:  # sampling with one formulation
+                                                           steps=20 if preset == "small" else 4, allreduce=reductions)
+        for impl, reduction in ((i, r) for i in impls for r in reductions):
+            results = list(train.get((impl, reduction), []))
+            if not args.skip_sampling and impl == impls[-1] and reduction == reductions[-1]:  # sampling once
                 results += bench_sample(preset, conv_impl=impl, blocks=max(1, args.blocks // 2))
             if not results:
                 continue
             results.append(("peak_rss_mib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "MiB"))
             for name, value, unit in results:
-                rows.append({"name": name, "preset": preset, "conv_impl": impl, "value": round(float(value), 4),
+                rows.append({"name": name, "preset": preset, "conv_impl": impl, "allreduce": reduction,
+                             "value": round(float(value), 4),
                              "unit": unit, "device": device, "jax": jax.__version__})
                 if args.json:
                     print(json.dumps(rows[-1]), flush=True)
     if not args.json:
-        print(f"{'preset':8s} {'conv_impl':9s} {'measure':26s} {'value':>12s}  unit   ({device}, jax {jax.__version__})")
+        print(f"{'preset':8s} {'conv_impl':9s} {'allreduce':9s} {'measure':26s} {'value':>12s}  unit   "
+              f"({device}, jax {jax.__version__})")
         for r in rows:
-            print(f"{r['preset']:8s} {r['conv_impl']:9s} {r['name']:26s} {r['value']:12.4g}  {r['unit']}")
+            print(f"{r['preset']:8s} {r['conv_impl']:9s} {r['allreduce']:9s} {r['name']:26s} {r['value']:12.4g}  {r['unit']}")
     return 0
 
 

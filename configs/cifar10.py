@@ -43,6 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.dropout = 0.1  # "we set the dropout rate on CIFAR10 to 0.1"
     c.model.num_groups = 32  # GroupNorm's 32 groups (tf.contrib.layers.group_norm's default)
     c.model.time_input = "index"  # the network embeds the integer step t
+    c.model.dtype = "float32"  # compute dtype: \'float32\' | \'bfloat16\' (GPU/TPU; params and optimiser state stay float32)
 
     c.objective = ml_collections.ConfigDict()
     c.objective.name = "eps"  # predict ε
@@ -62,6 +63,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 128  # "batch size 128 for CIFAR10"
+    c.train.grad_accum_steps = 1  # k > 1: each batch as k micro-batches, gradients summed (the same update, 1/k the activations)
     c.train.num_epochs = 0
     c.train.num_steps = 800_000  # "trained for 800k steps"
     c.train.ema_decay = 0.9999  # "EMA on model parameters with a decay factor of 0.9999"

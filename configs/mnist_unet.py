@@ -58,6 +58,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.dropout = 0.0
     c.model.num_groups = 8  # divides 16 and 32
     c.model.time_input = "index"
+    c.model.dtype = "float32"  # compute dtype: \'float32\' | \'bfloat16\' (GPU/TPU; params and optimiser state stay float32)
 
     c.objective = ml_collections.ConfigDict()
     c.objective.name = "eps"
@@ -77,6 +78,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 128
+    c.train.grad_accum_steps = 1  # k > 1: each batch as k micro-batches, gradients summed (the same update, 1/k the activations)
     c.train.num_epochs = 25
     c.train.num_steps = 0
     c.train.ema_decay = 0.999

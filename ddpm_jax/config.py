@@ -10,7 +10,7 @@ import numbers
 
 from ddpm_jax import data, objectives, sampling, schedules
 
-__all__ = ["ConfigError", "validate_config", "schedule_from_config", "REQUIRED_KEYS"]
+__all__ = ["ConfigError", "validate_config", "schedule_from_config", "lookup", "REQUIRED_KEYS", "DTYPES"]
 
 #: Keys the rest of the project relies on.
 REQUIRED_KEYS = (
@@ -38,22 +38,33 @@ REQUIRED_KEYS = (
     "checkpoint.keep",
 )
 
-TIME_INPUTS = ("index", "fraction")
 PARALLEL = ("jit", "pmap")
+#: ``model.dtype``: the compute dtype of the network (params and optimiser state stay float32).
+DTYPES = ("float32", "bfloat16")
 
 
 class ConfigError(ValueError):
     """A config value is missing or out of range; the message names the key."""
 
 
-def _get(config, dotted: str):
+_MISSING = object()
+
+
+def lookup(config, dotted: str, default=_MISSING):
+    """``config['a']['b']`` for ``dotted = 'a.b'``, in a ConfigDict or a plain dict (a saved
+    config.json); ``default`` where a part is missing, or ConfigError naming the key without one."""
     node = config
     for part in dotted.split("."):
         try:
             node = node[part]
         except (KeyError, AttributeError, TypeError):
+            if default is not _MISSING:
+                return default
             raise ConfigError(f"config.{dotted} is missing") from None
     return node
+
+
+_get = lookup
 
 
 def _int(config, key, minimum=None, maximum=None):
@@ -128,7 +139,7 @@ def validate_config(config) -> None:
     except ValueError as e:
         raise ConfigError(f"config.schedule: {e}") from None
 
-    from ddpm_jax.models import MODEL_NAMES, PRESETS  # the model module imports flax; keep it local
+    from ddpm_jax.models import MODEL_NAMES, PRESETS, TIME_INPUTS  # the model module imports flax; keep it local
     from ddpm_jax.models.ddpm_unet import check_unet_config
     from ddpm_jax.models.scorenet import CONV_IMPLS
 
@@ -170,6 +181,8 @@ def validate_config(config) -> None:
             raise ConfigError(f"config.model.rho_head = {rho!r}: the ρ-head is a ScoreNet option "
                               "(model.name='scorenet'); set it to False")
     _choice(config, "model.time_input", TIME_INPUTS)
+    if _get(config, "model").get("dtype", "float32") not in DTYPES:  # absent: float32
+        raise ConfigError(f"config.model.dtype = {_get(config, 'model').get('dtype')!r}: must be one of {list(DTYPES)}")
 
     name = _choice(config, "objective.name", objectives.OBJECTIVES)
     _choice(config, "objective.weighting", objectives.WEIGHTINGS)
@@ -190,7 +203,9 @@ def validate_config(config) -> None:
     _int(config, "optim.warmup_steps", minimum=0)
     _float(config, "optim.grad_clip_norm", low=0.0)
 
-    _int(config, "train.batch_size", minimum=1)
+    batch = _int(config, "train.batch_size", minimum=1)
+    if "grad_accum_steps" in _get(config, "train"):  # absent: 1
+        _int(config, "train.grad_accum_steps", minimum=1, maximum=batch)
     num_steps = _int(config, "train.num_steps", minimum=0)
     _int(config, "train.num_epochs", minimum=0 if num_steps > 0 else 1)
     _float(config, "train.ema_decay", 0.0, 1.0, high_open=True)

@@ -13,6 +13,8 @@ ScoreNet convolutions       ``conv_impl='phases'`` (im2col, phase-   stock ``nn.
                             split transposed convolutions)           ``nn.ConvTranspose``
 ScoreNet GroupNorm + swish  the fused ``GroupNormSwish``             stock ``nn.GroupNorm``
 dispatch                    at most one step ahead (DispatchWindow)  fully asynchronous
+gradient reduction          one flat all-reduce under ``shard_map``  ``jax.jit`` with the batch's
+                            (train_step.psum_flat)                   ``NamedSharding``; XLA's own
 checkpoints                 synchronous (with several devices)       asynchronous
 ==========================  =======================================  ===========================
 
@@ -51,12 +53,13 @@ class Profile:
     virtual_cpu_devices: bool
     dispatch_window: bool
     sync_checkpoints: bool
+    flat_allreduce: bool
 
 
 CPU = Profile("cpu", conv_impl="phases", fused_group_norm=True, tune_malloc=True, virtual_cpu_devices=True,
-              dispatch_window=True, sync_checkpoints=True)
+              dispatch_window=True, sync_checkpoints=True, flat_allreduce=True)
 ACCELERATOR = Profile("accelerator", conv_impl="xla", fused_group_norm=False, tune_malloc=False,
-                      virtual_cpu_devices=False, dispatch_window=False, sync_checkpoints=False)
+                      virtual_cpu_devices=False, dispatch_window=False, sync_checkpoints=False, flat_allreduce=False)
 
 _current: Optional[Profile] = None
 

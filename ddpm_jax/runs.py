@@ -18,10 +18,10 @@ import ml_collections
 
 from ddpm_jax import data, objectives, sampling
 from ddpm_jax.checkpointing import CheckpointError, Checkpointer, read_config_json
-from ddpm_jax.models import make_model_fn
+from ddpm_jax.config import schedule_from_config
+from ddpm_jax.models import make_model_fn, model_from_config
 from ddpm_jax.schedules import Schedule
 from ddpm_jax.train_state import create_train_state, make_optimizer
-from ddpm_jax.trainer import build_model, build_schedule
 
 __all__ = ["Run", "load_run", "sampling_tag"]
 
@@ -103,25 +103,45 @@ class Run:
         return opts
 
     def make_sampler(self, batch_size: int, options: dict, *, ema: bool = True, return_trajectory: bool = False):
-        """A jitted ``fn(key) -> samples (batch_size, H, W, C)`` (and the trajectory if asked):
-        one compiled ``lax.scan`` serves every batch. The samples are split over this process's
+        """``fn(key) -> samples (batch_size, H, W, C)`` (and the trajectory if asked): one compiled
+        ``lax.scan`` serves every batch, with the params passed in (not compiled in as constants);
+        ``fn.compile(key)`` compiles it ahead of use. The samples are split over this process's
         devices when ``batch_size`` divides evenly (:func:`ddpm_jax.data.batch_sharding`); the
         noise does not depend on the split (JAX's partitionable threefry), so neither do the samples."""
-        model_fn = self.model_fn(ema)
         shape = (batch_size,) + self.image_shape
         sharding = None if return_trajectory else data.batch_sharding(batch_size)
+        cfg = self.config.model
 
-        def fn(key):
+        def fn(params, key):
+            model_fn = make_model_fn(self.model.apply, params, time_input=cfg.time_input, num_steps=self.schedule.num_steps)
             return sampling.sample(model_fn, self.schedule, shape, key, return_trajectory=return_trajectory, **options)
 
-        return jax.jit(fn, out_shardings=sharding)
+        params = self.ema_params if ema else self.params
+        if sharding is not None:  # replicated on the devices the samples are split over
+            params = jax.device_put(params, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))
+        return _Sampler(jax.jit(fn, out_shardings=sharding), params)
+
+
+class _Sampler:
+    """A jitted ``fn(params, key)`` with its params bound: ``sampler(key)``; ``compile(key)``
+    returns the compiled ``key -> samples``."""
+
+    def __init__(self, jitted, params):
+        self.jitted, self.params = jitted, params
+
+    def __call__(self, key):
+        return self.jitted(self.params, key)
+
+    def compile(self, key):
+        compiled = self.jitted.lower(self.params, key).compile()
+        return lambda k: compiled(self.params, k)
 
 
 def _restore(ckpt: Checkpointer, config, step: int):
     """(model, image_shape, state, meta) of checkpoint ``step``, restored into the config's model."""
     meta = ckpt.read_meta(step)
     image_shape = tuple(meta["image_shape"])
-    model = build_model(config, image_shape)
+    model = model_from_config(config.model, image_shape)
 
     def abstract_state():
         params = model.init(jax.random.PRNGKey(0), jnp.zeros((1,) + image_shape), jnp.ones((1,)))["params"]
@@ -162,6 +182,6 @@ def load_run(workdir: str, step: Optional[int] = None) -> Run:
                 ckpt.reload()
     finally:
         ckpt.close()
-    return Run(config=config, model=model, schedule=build_schedule(config), params=state.params,
+    return Run(config=config, model=model, schedule=schedule_from_config(config), params=state.params,
                ema_params=state.ema_params, step=int(state.step), image_shape=image_shape, workdir=workdir, meta=dict(meta))
 

@@ -71,7 +71,7 @@ def shard_batch(local_batch, mesh):
         if b % n_local:
             raise ValueError(
                 f"local batch of {b} examples is not divisible by this process's {n_local} "
-                f"devices (train.batch_size must be divisible by the total device count)"
+                f"devices (train_step.Parallel.put_batch pads a batch to a multiple of them)"
             )
     sharding = NamedSharding(mesh, P(DATA_AXIS))
     return jax.make_array_from_process_local_data(sharding, local_batch)

@@ -1,17 +1,24 @@
 """The pure training and evaluation steps, and their data-parallel forms.
 
-``train_step(state, schedule, batch)`` is one pure function; :class:`Parallel` runs it either
-under ``jax.jit`` with the batch sharded over a 1-D device mesh (the default: ``jax.shard_map``,
-each device on its slice) or under ``jax.pmap``. Either way the gradients and the loss are
-averaged over the devices by one ``lax.pmean`` of a single flat vector (:func:`pmean_flat`).
+``train_step(state, schedule, batch)`` is one pure function. A batch is a dict of arrays with a
+leading batch axis (:func:`as_batch`): ``'image'`` ``(B, H, W, C)``, ``'example_id'`` ``(B,)``
+int32 (the example's position in the global batch) and ``'weight'`` ``(B,)`` float32 (its share
+of the batch loss: 1/B for each of the B real examples, 0 for padding), so the loss is
+``Σ_i weight_i · ℓ_i`` and padded examples change nothing. :class:`Parallel` pads each batch to a
+multiple of the device count (so any batch size runs on any number of devices) and runs the step
+under ``jax.jit`` with the batch sharded over a 1-D device mesh (``NamedSharding``; XLA inserts
+the gradient reduction), under ``jax.shard_map`` with one flat all-reduce (:func:`psum_flat`; the
+CPU profile's choice, faster on XLA:CPU's devices), or under ``jax.pmap``.
 
-Randomness is drawn per example from ``fold_in(fold_in(state.rng, state.step), example_id)``,
-where ``example_id`` is the example's position in the *global* batch; a network with dropout
-(a ``train`` argument, :func:`ddpm_jax.models.takes_train`) draws each example's dropout from
-``fold_in(fold_in(fold_in(state.rng, state.step), DROPOUT_STREAM), example_id)``, in
-``train_step`` only (evaluation and sampling are deterministic). The noise and dropout an example
-sees therefore do not depend on how the batch is split, and every parallel form computes the same
-update as one device on the same global batch (up to float reduction order).
+Randomness is drawn per example from ``fold_in(fold_in(state.rng, state.step), example_id)``; a
+network with dropout (a ``train`` argument, :func:`ddpm_jax.models.takes_train`) draws each
+example's dropout from ``fold_in(fold_in(fold_in(state.rng, state.step), DROPOUT_STREAM),
+example_id)``, in ``train_step`` only (evaluation and sampling are deterministic). The noise, the
+dropout and the weight an example gets therefore do not depend on how the batch is split or
+padded, and every parallel form, on any device count, computes the same update as one device on
+the same global batch (up to float summation order). With ``accum_steps = k`` the step sums the
+gradients of k micro-batches of B/k examples (one ``lax.scan``), the same update as the whole
+batch at once, with the activations of one micro-batch in memory.
 """
 
 from __future__ import annotations
@@ -27,12 +34,13 @@ import optax
 from jax.flatten_util import ravel_pytree
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ddpm_jax import data, rng
+from ddpm_jax import rng, sharding
 from ddpm_jax.models import make_model_fn, takes_train
 from ddpm_jax.schedules import Schedule
 from ddpm_jax.train_state import TrainState, ema_decay_at, ema_update
 
-__all__ = ["StepConfig", "train_step", "pmean_flat", "eval_step", "Parallel", "DROPOUT_STREAM"]
+__all__ = ["StepConfig", "as_batch", "train_step", "psum_flat", "eval_step", "Parallel", "DROPOUT_STREAM",
+           "padded_size"]
 
 #: Folded into the step's key to derive the dropout keys, apart from the noise keys.
 DROPOUT_STREAM = 0x64726F70
@@ -43,7 +51,8 @@ class StepConfig:
     """Static pieces of the step (hashable, closed over; not traced).
 
     apply_fn: the network's ``apply``; loss_fn: an objective from ``objectives.get_objective``;
-    tx: the optimiser; ema_decay: target EMA decay; time_input: 'index' | 'fraction'.
+    tx: the optimiser; ema_decay: target EMA decay; time_input: 'index' | 'fraction';
+    accum_steps: micro-batches per step (``train.grad_accum_steps``; the batch must divide into them).
     """
 
     apply_fn: Callable
@@ -51,41 +60,78 @@ class StepConfig:
     tx: optax.GradientTransformation
     ema_decay: float
     time_input: str = "index"
+    accum_steps: int = 1
 
 
-def _loss_and_grads(cfg: StepConfig, params, schedule: Schedule, batch, keys, dropout_keys=None):
+def as_batch(images, *, first_id=0, total: Optional[int] = None) -> Dict[str, Any]:
+    """A bare ``(B, H, W, C)`` image array as a batch dict: ids ``first_id + [0, B)`` and every
+    weight ``1 / total`` (default ``1 / B``). A dict is returned as it is."""
+    if isinstance(images, dict):
+        return images
+    b = images.shape[0]
+    return {"image": images, "example_id": first_id + jnp.arange(b, dtype=jnp.int32),
+            "weight": jnp.full((b,), 1.0 / (total or b), jnp.float32)}
+
+
+def _loss_and_grads(cfg: StepConfig, params, schedule: Schedule, batch, step_key):
+    """(Σ_i weight_i ℓ_i, its gradient) on one (micro-)batch dict."""
+    ids = batch["example_id"]
+    keys = rng.per_example_keys(step_key, ids)
+    dropout_keys = None
+    if takes_train(cfg.apply_fn):
+        dropout_keys = rng.per_example_keys(jax.random.fold_in(step_key, DROPOUT_STREAM), ids)
+
     def loss(p):
         model_fn = make_model_fn(cfg.apply_fn, p, time_input=cfg.time_input, num_steps=schedule.num_steps,
                                  dropout_key=dropout_keys)
-        return cfg.loss_fn(model_fn, schedule, batch, keys)
+        _, aux = cfg.loss_fn(model_fn, schedule, batch["image"], keys)
+        return jnp.sum(aux["per_example"] * batch["weight"])
 
-    (value, aux), grads = jax.value_and_grad(loss, has_aux=True)(params)
-    return value, aux, grads
+    return jax.value_and_grad(loss)(params)
 
 
-def pmean_flat(tree, axis_name: str):
-    """``lax.pmean`` of a pytree of arrays as one flat vector: a single all-reduce of
+def _accumulated_loss_and_grads(cfg: StepConfig, params, schedule: Schedule, batch, step_key):
+    """:func:`_loss_and_grads` summed over ``cfg.accum_steps`` micro-batches: micro-batch j holds
+    examples j, j + k, j + 2k, ... of the (device's) batch, so each device keeps its share of each."""
+    k = cfg.accum_steps
+    if k == 1:
+        return _loss_and_grads(cfg, params, schedule, batch, step_key)
+    b = batch["image"].shape[0]
+    if b % k:
+        raise ValueError(f"a batch of {b} examples does not split into {k} micro-batches (train.grad_accum_steps)")
+    micro = jax.tree_util.tree_map(lambda a: jnp.swapaxes(a.reshape((b // k, k) + a.shape[1:]), 0, 1), batch)
+
+    def body(carry, mb):
+        loss, grads = _loss_and_grads(cfg, params, schedule, mb, step_key)
+        return (carry[0] + loss, jax.tree_util.tree_map(jnp.add, carry[1], grads)), None
+
+    zero = (jnp.zeros((), jnp.float32), jax.tree_util.tree_map(jnp.zeros_like, params))
+    (loss, grads), _ = jax.lax.scan(body, zero, micro)
+    return loss, grads
+
+
+def psum_flat(tree, axis_name: str):
+    """``lax.psum`` of a pytree of arrays as one flat vector: a single all-reduce of
     sum(leaf sizes) values instead of one per leaf.
 
-    Same values as ``lax.pmean(tree, axis_name)`` (each entry is the same sum over devices). XLA
-    combines per-leaf all-reduces into one of a tuple of buffers, which is not the same on every
-    backend: on CPU devices a tuple of the U-Net's ~40 gradient buffers is slower than one flat
-    vector (docs/performance.md), and over the gloo collectives of several CPU processes each
-    buffer costs a round trip. Leaves of
+    Same values as ``lax.psum(tree, axis_name)``. XLA combines per-leaf all-reduces into one of a
+    tuple of buffers, which is not the same on every backend: on CPU devices a tuple of the
+    U-Net's ~40 gradient buffers is slower than one flat vector (docs/performance.md), and over
+    the gloo collectives of several CPU processes each buffer costs a round trip. Leaves of
     different dtypes are promoted to a common one for the all-reduce and cast back
-    (``ravel_pytree``). The price is one concatenated copy of the tree (for the small U-Net's
-    166k gradients, 0.7 MB; for a model of N parameters, 4N bytes more at the step's peak).
+    (``ravel_pytree``). The price is one concatenated copy of the tree (4N bytes for N parameters).
     """
     flat, unravel = ravel_pytree(tree)
-    n = jax.lax.axis_size(axis_name)
-    # divided after the split: XLA fuses each leaf's slice of the sum into that leaf's consumers,
-    # and a division of the whole vector would be fused into (and costed in) every one of them
-    return jax.tree_util.tree_map(lambda x: x / n, unravel(jax.lax.psum(flat, axis_name)))
+    return unravel(jax.lax.psum(flat, axis_name))
 
 
 def train_step(cfg: StepConfig, state: TrainState, schedule: Schedule, batch, *, axis_name: Optional[str] = None) -> Tuple[TrainState, Dict[str, jnp.ndarray]]:
-    """One optimiser update on a batch ``(B, H, W, C)`` (the global batch, or under ``shard_map``
-    or ``pmap`` this device's slice, with ``axis_name`` naming the device axis).
+    """One optimiser update on a batch (the global batch, or under ``shard_map``/``pmap`` this
+    device's slice, with ``axis_name`` naming the device axis): a dict (:func:`as_batch`), or bare
+    images ``(B, H, W, C)``, each weighted 1/(B · devices) with ids by position.
+
+    Loss ``L = Σ_i weight_i ℓ_i`` over the global batch (with ``axis_name``, each device's sum and
+    gradient are added up by :func:`psum_flat`).
 
     A step whose loss or gradient is not finite (NaN/Inf) applies no update: params, optimiser
     state and EMA stay as they were and only ``step`` advances (so the next step sees the next
@@ -94,16 +140,15 @@ def train_step(cfg: StepConfig, state: TrainState, schedule: Schedule, batch, *,
 
     Returns the new state and metrics {'loss', 'grad_norm', 'finite'} (scalars).
     """
-    b = batch.shape[0]
-    offset = jax.lax.axis_index(axis_name) * b if axis_name else 0
+    if not isinstance(batch, dict):
+        b = batch.shape[0]
+        n = jax.lax.axis_size(axis_name) if axis_name else 1
+        first = jax.lax.axis_index(axis_name) * b if axis_name else 0
+        batch = as_batch(batch, first_id=first, total=b * n)
     step_key = jax.random.fold_in(state.rng, state.step)
-    keys = rng.per_example_keys(step_key, offset + jnp.arange(b))
-    dropout_keys = None
-    if takes_train(cfg.apply_fn):
-        dropout_keys = rng.per_example_keys(jax.random.fold_in(step_key, DROPOUT_STREAM), offset + jnp.arange(b))
-    loss, _, grads = _loss_and_grads(cfg, state.params, schedule, batch, keys, dropout_keys)
+    loss, grads = _accumulated_loss_and_grads(cfg, state.params, schedule, batch, step_key)
     if axis_name:
-        grads, loss = pmean_flat((grads, loss), axis_name)
+        grads, loss = psum_flat((grads, loss), axis_name)
     grad_norm = optax.tree_utils.tree_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)  # any NaN/Inf entry (or overflow) makes the norm non-finite
     updates, opt_state = cfg.tx.update(grads, state.opt_state, state.params)
@@ -113,6 +158,11 @@ def train_step(cfg: StepConfig, state: TrainState, schedule: Schedule, batch, *,
     new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
                               opt_state=keep(opt_state, state.opt_state), ema_params=keep(ema, state.ema_params))
     return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite.astype(jnp.float32)}
+
+
+def padded_size(batch: int, multiple: int) -> int:
+    """The smallest multiple of ``multiple`` that is >= ``batch``."""
+    return -(-batch // multiple) * multiple
 
 
 def eval_step(cfg: StepConfig, params, schedule: Schedule, batch, mask, key, example_ids) -> Dict[str, jnp.ndarray]:
@@ -136,37 +186,52 @@ class Parallel:
     """Runs the steps over all devices: ``mode='jit'`` (sharded batch on a 1-D mesh, replicated
     state) or ``mode='pmap'`` (state replicated with a leading device axis).
 
-    Host-side code deals only with global NumPy batches and with state in its plain (jit) form;
-    this class places them on devices and back.
+    ``flat_allreduce`` (default: the platform profile's, :mod:`ddpm_jax.platform_profile`) picks
+    how the jit mode reduces the gradients: False, plain ``jax.jit`` of the global step with the
+    batch's ``NamedSharding`` (XLA inserts the reduction); True, ``jax.shard_map`` with each device
+    on its slice, meeting in one all-reduce of a flat vector (:func:`psum_flat`).
+
+    Host-side code deals only with each process's NumPy batches and with state in its plain (jit)
+    form; this class pads batches (:meth:`put_batch`) and places them and the state on devices.
     """
 
-    def __init__(self, cfg: StepConfig, *, mode: str = "jit", mesh=None):
+    def __init__(self, cfg: StepConfig, *, mode: str = "jit", mesh=None, flat_allreduce: Optional[bool] = None):
         if mode not in ("jit", "pmap"):
             raise ValueError(f"unknown parallel mode {mode!r}; expected 'jit' or 'pmap'")
+        if flat_allreduce is None:
+            from ddpm_jax import platform_profile
+
+            flat_allreduce = platform_profile.current().flat_allreduce
         self.cfg = cfg
         self.mode = mode
-        self.mesh = mesh if mesh is not None else data.make_mesh()
+        self.flat_allreduce = bool(flat_allreduce)
+        self.mesh = mesh if mesh is not None else sharding.make_mesh()
         self.num_devices = self.mesh.devices.size
+        self.num_local_devices = len(self.mesh.local_devices) if mode == "jit" else jax.local_device_count()
         self.replicated = NamedSharding(self.mesh, P())
-        self.sharded = NamedSharding(self.mesh, P(data.DATA_AXIS))
-        if mode == "jit":
-            # Each device runs the step on its slice of the batch (the state replicated), meeting
-            # in train_step's one flat all-reduce; the SPMD partitioner's per-leaf all-reduces
-            # (plain jit of the global step) are slower on CPU devices (pmean_flat). As under
-            # pmap, gradients are per-device until that pmean: check_vma=False, since with it
-            # autodiff would sum them itself, and the convolutions' custom VJPs return
+        self.sharded = NamedSharding(self.mesh, P(sharding.DATA_AXIS))
+        step = functools.partial(train_step, cfg)
+        if mode == "pmap":
+            self._train = jax.pmap(functools.partial(step, axis_name=sharding.DATA_AXIS), axis_name=sharding.DATA_AXIS,
+                                   in_axes=(0, None, 0), donate_argnums=(0,))
+        elif self.flat_allreduce:
+            # As under pmap, gradients are per-device until psum_flat: check_vma=False, since with
+            # it autodiff would sum them itself, and the convolutions' custom VJPs return
             # per-device cotangents for replicated kernels, which it rejects.
-            per_device = jax.shard_map(functools.partial(train_step, cfg, axis_name=data.DATA_AXIS), mesh=self.mesh,
-                                       in_specs=(P(), P(), P(data.DATA_AXIS)), out_specs=(P(), P()), check_vma=False)
+            per_device = jax.shard_map(functools.partial(step, axis_name=sharding.DATA_AXIS), mesh=self.mesh,
+                                       in_specs=(P(), P(), P(sharding.DATA_AXIS)), out_specs=(P(), P()), check_vma=False)
             self._train = jax.jit(per_device, donate_argnums=(0,), out_shardings=(self.replicated, self.replicated))
         else:
-            self._train = jax.pmap(
-                functools.partial(train_step, cfg, axis_name=data.DATA_AXIS),
-                axis_name=data.DATA_AXIS, in_axes=(0, None, 0), donate_argnums=(0,),
-            )
+            self._train = jax.jit(step, donate_argnums=(0,), out_shardings=(self.replicated, self.replicated))
         self._eval = jax.jit(functools.partial(eval_step, cfg), out_shardings=self.replicated)
 
     # -- placement -----------------------------------------------------------------------------
+    def padded_batch(self, global_batch: int) -> int:
+        """The global batch the step runs on: ``global_batch`` padded with zero-weight examples to
+        a multiple of (devices × ``accum_steps``), per process."""
+        pc = jax.process_count()
+        return pc * padded_size(global_batch // pc, self.num_local_devices * self.cfg.accum_steps)
+
     def put_state(self, state: TrainState):
         """Host or device state -> the form the step takes (replicated). The step donates its
         state, so arrays passed here may be consumed: keep a host copy to reuse them."""
@@ -184,10 +249,31 @@ class Parallel:
             return state
         return jax.tree_util.tree_map(lambda x: x[0], state)
 
-    def put_batch(self, local_batch: np.ndarray):
+    def pad_batch(self, local_batch) -> Dict[str, np.ndarray]:
+        """This process's slice of the global batch — images ``(b, H, W, C)`` or a dict of arrays
+        with ``'image'`` (and e.g. ``'label'``) — as the step's batch dict: ``example_id`` = the
+        position in the global batch of b × processes, ``weight`` = 1/(b × processes), padded with
+        zero-weight examples (zeros, ids past the global batch) to :meth:`padded_batch`'s share."""
+        tree = dict(local_batch) if isinstance(local_batch, dict) else {"image": np.asarray(local_batch)}
+        b = int(np.shape(tree["image"])[0])
+        pc, pi = jax.process_count(), jax.process_index()
+        total = b * pc
+        lp = padded_size(b, self.num_local_devices * self.cfg.accum_steps)
+        pad = lp - b
+        tree["example_id"] = np.concatenate([pi * b + np.arange(b), total + pi * pad + np.arange(pad)]).astype(np.int32)
+        tree["weight"] = np.concatenate([np.full(b, 1.0 / total), np.zeros(pad)]).astype(np.float32)
+        for k in tree:
+            a = np.asarray(tree[k])
+            if a.shape[0] == b and pad:
+                tree[k] = np.concatenate([a, np.zeros((pad,) + a.shape[1:], a.dtype)])
+        return tree
+
+    def put_batch(self, local_batch):
+        """:meth:`pad_batch`, placed for the step (sharded over the mesh, or split for pmap)."""
+        tree = self.pad_batch(local_batch)
         if self.mode == "jit":
-            return data.shard_batch(local_batch, self.mesh)
-        return data.shard_for_pmap(local_batch, jax.local_device_count())
+            return sharding.shard_batch(tree, self.mesh)
+        return sharding.shard_for_pmap(tree, jax.local_device_count())
 
     def put_replicated(self, tree):
         """A pytree replicated on every device of the mesh. With several processes each passes the
@@ -213,30 +299,34 @@ class Parallel:
 
     def evaluate(self, params, schedule: Schedule, images: np.ndarray, key, batch_size: int) -> float:
         """Mean per-example loss over ``images`` (N, H, W, C), in padded, masked batches of the
-        global ``batch_size``; with several processes each feeds its slice of every batch."""
+        global ``batch_size`` (itself padded to a multiple of the device count); with several
+        processes each feeds its slice of every batch."""
+        from ddpm_jax import platform_profile
+
         n = images.shape[0]
         if n == 0:
             return float("nan")
         params = self.put_replicated(params)
         pc, pi = jax.process_count(), jax.process_index()
-        lb = batch_size // pc
+        per_batch = pc * padded_size(padded_size(batch_size, pc) // pc, len(self.mesh.local_devices))
+        lb = per_batch // pc
+        # Under the CPU profile with several CPU devices, one batch in flight at a time: these
+        # programs do not depend on each other, so several would run at once, and devices sharing
+        # XLA:CPU's small thread pool can each hold a thread blocked in an all-reduce waiting for
+        # another's part that has no thread left (XLA aborts after 40 s; cpu_devices.DispatchWindow).
+        wait = platform_profile.dispatch_window().enabled
         sums = []
-        for start in range(0, n, batch_size):
-            chunk = images[start:start + batch_size]
+        for start in range(0, n, per_batch):
+            chunk = images[start:start + per_batch]
             m = chunk.shape[0]
-            pad = batch_size - m
+            pad = per_batch - m
             if pad:
                 chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
             mask = np.concatenate([np.ones(m, np.float32), np.zeros(pad, np.float32)])
-            ids = np.arange(start, start + batch_size, dtype=np.int32)
+            ids = np.arange(start, start + per_batch, dtype=np.int32)
             mine = slice(pi * lb, (pi + 1) * lb)
-            out = self._eval(params, schedule, *(data.shard_batch(a[mine], self.mesh) for a in (chunk, mask)), key,
-                             data.shard_batch(ids[mine], self.mesh))
-            # One batch in flight at a time. These programs do not depend on each other, so
-            # without the wait several run at once, and on CPU devices sharing one small thread
-            # pool each can hold a thread blocked in its all-reduce waiting for another device's
-            # part that has no thread left: XLA aborts the process after 40 s (seen with two CPU
-            # devices on two cores). Training steps are chained through the state and never overlap.
-            sums.append(jax.block_until_ready(out))
+            out = self._eval(params, schedule, *(sharding.shard_batch(a[mine], self.mesh) for a in (chunk, mask)), key,
+                             sharding.shard_batch(ids[mine], self.mesh))
+            sums.append(jax.block_until_ready(out) if wait else out)
         tot = jax.device_get(sums)
         return float(sum(o["loss_sum"] for o in tot) / sum(o["count"] for o in tot))

@@ -71,7 +71,7 @@ def main(argv):
           f"{opts['num_steps'] or run.schedule.num_steps} steps; {FLAGS.num} samples in batches of {FLAGS.batch_size}"
           f" on {_devices(FLAGS.batch_size)}", flush=True)
     t0 = time.time()
-    compiled = one_batch.lower(jax.random.PRNGKey(0)).compile()  # one program per batch, compiled once
+    compiled = one_batch.compile(jax.random.PRNGKey(0))  # one program per batch, compiled once
     t_compile = time.time() - t0
     t0 = time.time()
     x = sampling.sample_in_batches(compiled, FLAGS.num, FLAGS.batch_size, jax.random.PRNGKey(FLAGS.seed))

@@ -57,7 +57,8 @@ def main(argv):
     from ddpm_jax import data, objectives
     from ddpm_jax.train_state import create_train_state, make_optimizer
     from ddpm_jax.train_step import Parallel, StepConfig
-    from ddpm_jax.trainer import build_model, build_schedule
+    from ddpm_jax.config import schedule_from_config
+    from ddpm_jax.models import model_from_config
 
     base = sr.training_config(c, "xprev", optim__decay_every_epochs=0, optim__grad_clip_norm=0.0)
     try:
@@ -73,8 +74,8 @@ def main(argv):
     bs = base.train.batch_size
     spe = data.steps_per_epoch(c.subset_size, bs)
     steps = c.epochs * spe
-    schedule = build_schedule(base)
-    model = build_model(base, splits.image_shape)
+    schedule = schedule_from_config(base)
+    model = model_from_config(base.model, splits.image_shape)
     init_key, train_key, eval_key = jax.random.split(jax.random.PRNGKey(base.seed), 3)
     train_key = np.asarray(train_key)  # the step donates its state: keep host copies to start every run from
     params0 = jax.device_get(model.init(init_key, np.zeros((1,) + splits.image_shape, np.float32), np.ones((1,)))["params"])

@@ -133,7 +133,7 @@ def score(run, splits, options: dict, eval_config, *, grid_path: Optional[str] =
 
     e = eval_config
     key = jax.random.PRNGKey(e.seed)
-    fn = run.make_sampler(e.batch_size, options).lower(key).compile()  # compiled outside the timing
+    fn = run.make_sampler(e.batch_size, options).compile(key)  # compiled outside the timing
     t0 = time.time()
     x = sampling.sample_in_batches(fn, e.num_samples, e.batch_size, key)
     dt = time.time() - t0

@@ -156,7 +156,7 @@ def main(argv):
         if (name, nfe) in done:
             continue
         t0 = time.time()
-        fn = run.make_sampler(FLAGS.batch_size, opts).lower(key).compile()
+        fn = run.make_sampler(FLAGS.batch_size, opts).compile(key)
         compile_seconds = time.time() - t0
         t0 = time.time()
         x = sampling.sample_in_batches(fn, FLAGS.num, FLAGS.batch_size, key, progress=False)

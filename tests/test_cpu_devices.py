@@ -176,7 +176,7 @@ from ddpm_jax import cpu_devices, objectives
 from ddpm_jax.models import make_model
 from ddpm_jax.train_step import Parallel, StepConfig
 from ddpm_jax.train_state import make_optimizer
-from ddpm_jax.trainer import build_schedule
+from ddpm_jax.config import schedule_from_config as build_schedule
 from helpers import tiny_config
 cpu_devices.configure({n}, [20])
 c = tiny_config("eps")

@@ -214,11 +214,9 @@ def unet_config(objective):
 
 @pytest.mark.parametrize("objective", ["eps", "x0", "v", "mean", "xprev"])
 def test_train_and_evaluate_with_the_unet(objective, tmp_path, monkeypatch):
-    """Real steps through the trainer (data, step, evaluation, checkpoint, sample grid); the
-    patch is what the trainer's ``build_model`` does with ``model_from_config``."""
+    """Real steps through the trainer (data, step, evaluation, checkpoint, sample grid)."""
     from ddpm_jax import trainer
 
-    monkeypatch.setattr(trainer, "build_model", lambda config, shape: model_from_config(config.model, shape))
     out = trainer.train_and_evaluate(unet_config(objective), str(tmp_path), arrays=ARRAYS, progress=False)
     assert out["step"] == 3 and out["stopped_by"] is None
     assert np.isfinite(out["train_loss"]) and np.isfinite(out["val_loss"]) and np.isfinite(out["val_loss_ema"])

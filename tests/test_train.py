@@ -22,7 +22,8 @@ from ddpm_jax.config import ConfigError, validate_config
 from ddpm_jax.models import make_model
 from ddpm_jax.train_state import create_train_state, ema_decay_at, make_lr_schedule, make_optimizer
 from ddpm_jax.train_step import Parallel, StepConfig
-from ddpm_jax.trainer import build_schedule, train_and_evaluate
+from ddpm_jax.config import schedule_from_config as build_schedule
+from ddpm_jax.trainer import train_and_evaluate
 from helpers import REPO, STD_NAMES, cli_args, cpu_env, make_digits_like, tiny_config, write_dir
 
 ARRAYS = {k: (v[..., None] if k.endswith("images") else v.astype(np.int32)) for k, v in make_digits_like().items()}
@@ -119,12 +120,11 @@ PARALLEL_SCRIPT = textwrap.dedent(
     from ddpm_jax.train_step import Parallel
     config = T.tiny_config("mean")
     par, state, schedule, splits = T._setup(config)
-    batches = [splits.train[i * 16:(i + 1) * 16] for i in range(3)]
 
-    def run(p, state):
+    def run(p, state, batch):
         st, losses = p.put_state(state), []
-        for b in batches:
-            st, m = p.train(st, schedule, p.put_batch(b))
+        for i in range(3):
+            st, m = p.train(st, schedule, p.put_batch(splits.train[i * batch:(i + 1) * batch]))
             losses.append(float(m["loss"]))
         return jax.device_get(p.get_state(st)), losses
 
@@ -132,43 +132,52 @@ PARALLEL_SCRIPT = textwrap.dedent(
         return max(jax.tree_util.tree_leaves(jax.tree_util.tree_map(
             lambda x, y: float(np.max(np.abs(x - y)) / (np.max(np.abs(y)) + 1e-30)), a, b)))
 
+    one_device = data.make_mesh(jax.devices()[:1])
     out = {{}}
     for opt in ("sgd", "adam"):
         cfg = par.cfg if opt == "adam" else dataclasses.replace(par.cfg, tx=optax.sgd(1e-5))
         st0 = jax.device_get(create_train_state(state.params, cfg.tx, state.rng))  # host copy, reused
-        one = Parallel(cfg, mode="jit", mesh=data.make_mesh(jax.devices()[:1]))
-        ref, ref_losses = run(one, st0)
-        for mode in ("jit", "pmap"):
-            got, losses = run(Parallel(cfg, mode=mode), st0)
-            moved = lambda s: jax.tree_util.tree_map(lambda a, b: a - b, s.params, st0.params)  # the updates
-            out[opt + "_" + mode] = {{
-                "params": rel(moved(got), moved(ref)), "ema": rel(got.ema_params, ref.ema_params),
-                "loss": max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses)), "step": int(got.step)}}
-    # the jit step's gradient all-reduce: one, of one flat vector (train_step.pmean_flat)
-    st = Parallel(par.cfg).put_state(jax.device_get(create_train_state(state.params, par.cfg.tx, state.rng)))
-    hlo = Parallel(par.cfg).compile_train(st, schedule, par.put_batch(batches[0])).as_text()
+        for batch in (16, 12):  # 12: padded to 16 on 8 devices
+            ref, ref_losses = run(Parallel(cfg, mode="jit", mesh=one_device, flat_allreduce=False), st0, batch)
+            forms = {{"jit_xla": Parallel(cfg, mode="jit", flat_allreduce=False),
+                     "jit_flat": Parallel(cfg, mode="jit", flat_allreduce=True), "pmap": Parallel(cfg, mode="pmap"),
+                     "jit_xla_accum2": Parallel(dataclasses.replace(cfg, accum_steps=2), mode="jit", flat_allreduce=False),
+                     "one_device_accum4": Parallel(dataclasses.replace(cfg, accum_steps=4), mode="jit", mesh=one_device)}}
+            for name, p in forms.items():
+                got, losses = run(p, st0, batch)
+                moved = lambda s: jax.tree_util.tree_map(lambda a, b: a - b, s.params, st0.params)  # the updates
+                out[f"{{opt}}_{{batch}}_{{name}}"] = {{
+                    "params": rel(moved(got), moved(ref)), "ema": rel(got.ema_params, ref.ema_params),
+                    "loss": max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses)), "step": int(got.step),
+                    "padded": p.padded_batch(batch)}}
+    # the flat form's gradient all-reduce: one, of one flat vector (train_step.psum_flat)
+    flat = Parallel(par.cfg, flat_allreduce=True)
+    st = flat.put_state(jax.device_get(create_train_state(state.params, par.cfg.tx, state.rng)))
+    hlo = flat.compile_train(st, schedule, flat.put_batch(splits.train[:16])).as_text()
     reduces = [line for line in hlo.splitlines() if " all-reduce(" in line or " all-reduce-start(" in line]
     out["all_reduce_shapes"] = [line.split(" = ", 1)[1].split(" all-reduce")[0] for line in reduces]
-    # pmean_flat gives lax.pmean's values, here on a tree of float32 leaves of several shapes
+    # psum_flat gives lax.psum's values, here on a tree of float32 leaves of several shapes
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from ddpm_jax.train_step import pmean_flat
+    from ddpm_jax.train_step import psum_flat
     mesh = Mesh(np.array(jax.devices()), ("d",))
     tree = {{"a": np.arange(8 * 3, dtype=np.float32).reshape(8, 3) ** 1.5,
             "b": np.linspace(-1, 1, 8 * 20, dtype=np.float32).reshape(8, 4, 5), "c": np.arange(8, dtype=np.float32)}}
-    both = jax.jit(jax.shard_map(lambda t: (pmean_flat(t, "d"), jax.lax.pmean(t, "d")), mesh=mesh,
+    both = jax.jit(jax.shard_map(lambda t: (psum_flat(t, "d"), jax.lax.psum(t, "d")), mesh=mesh,
                                  in_specs=P("d"), out_specs=P(), check_vma=False))
     flat, ref = jax.device_get(both(jax.device_put(tree, NamedSharding(mesh, P("d")))))
-    out["pmean_flat_equal"] = all(np.array_equal(flat[k], ref[k]) and flat[k].dtype == ref[k].dtype for k in ref)
+    out["psum_flat_equal"] = all(np.array_equal(flat[k], ref[k]) and flat[k].dtype == ref[k].dtype for k in ref)
     print("RESULT", json.dumps(out))
     """
 )
 
 
-def test_jit_mesh_and_pmap_equal_single_device_on_8_devices(tmp_path):
-    """Three steps with the global batch of 16 split over 8 virtual CPU devices, under the
-    sharded jit and under pmap, against one device on the same batches. Per-example keys make
-    the noise identical, so only float32 summation order differs (the all-reduce of per-device
-    gradients): a few eps (1.2e-7) relative per gradient entry.
+def test_every_parallel_form_equals_one_device_on_8_devices(tmp_path):
+    """Three steps with a global batch of 16, and of 12 (padded with zero-weight examples to 16),
+    split over 8 virtual CPU devices — plain jit with a NamedSharding batch, shard_map with one
+    flat all-reduce, pmap, jit with 2 micro-batches — and on one device in 4 micro-batches, each
+    against one device on the whole batch. Per-example keys and weights make the noise and the
+    loss terms identical, so only float32 summation order differs: a few eps (1.2e-7) relative
+    per gradient entry.
 
     With SGD the total updates (params − init) then agree to rounding: a gradient entry sums
     ~16·64 float32 terms, so ~√1000·eps ≈ 4e-6 relative to the leaf's largest entry (measured
@@ -176,23 +185,26 @@ def test_jit_mesh_and_pmap_equal_single_device_on_8_devices(tmp_path):
     gradient entry by its running RMS, so an entry that is zero up to rounding gets an O(lr)
     update of arbitrary sign on either side: parameters cannot be compared tightly there, and
     the Adam check is on the loss at every step (tolerance 1e-4 relative), which stays within
-    float error because those entries carry no signal. The jit step meets in one all-reduce of a
-    flat vector (`pmean_flat`, whose values equal `lax.pmean`'s, checked on a small tree)."""
+    float error because those entries carry no signal. The flat form meets in one all-reduce of a
+    flat vector (`psum_flat`, whose values equal `lax.psum`'s, checked on a small tree)."""
     script = tmp_path / "parallel.py"
     script.write_text(PARALLEL_SCRIPT.format(tests=os.path.join(REPO, "tests"), repo=REPO))
     env = cpu_env(8)  # with spare threads: see helpers.cpu_env
-    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout.split("RESULT", 1)[1])
-    for mode in ("jit", "pmap"):
-        sgd, adam = out["sgd_" + mode], out["adam_" + mode]
-        assert sgd["step"] == adam["step"] == 3
-        assert sgd["params"] < 5e-5 and sgd["ema"] < 5e-5 and sgd["loss"] < 1e-5, out
-        assert adam["loss"] < 1e-4, out
+    forms = ("jit_xla", "jit_flat", "pmap", "jit_xla_accum2", "one_device_accum4")
+    for batch in (16, 12):
+        for form in forms:
+            sgd, adam = out[f"sgd_{batch}_{form}"], out[f"adam_{batch}_{form}"]
+            assert sgd["step"] == adam["step"] == 3
+            assert sgd["params"] < 5e-5 and sgd["ema"] < 5e-5 and sgd["loss"] < 1e-5, (batch, form, sgd)
+            assert adam["loss"] < 1e-4, (batch, form, adam)
+    assert out["sgd_12_jit_xla"]["padded"] == 16 and out["sgd_12_one_device_accum4"]["padded"] == 12
     # one all-reduce per step, of one flat f32 vector (not a tuple of the ~40 gradient leaves)
     assert len(out["all_reduce_shapes"]) == 1 and out["all_reduce_shapes"][0].startswith("f32["), out["all_reduce_shapes"]
     assert "," not in out["all_reduce_shapes"][0].split("]")[0], out["all_reduce_shapes"]
-    assert out["pmean_flat_equal"]
+    assert out["psum_flat_equal"]
 
 
 def test_checkpoints_are_synchronous_with_several_cpu_devices(tmp_path):
@@ -239,7 +251,8 @@ def test_resume_is_bit_for_bit(tmp_path):
     # wall_seconds is a timing (the resumed run's sums both commands'): checked apart.
     wall_a, wall_b = meta_a.pop("wall_seconds"), meta_b.pop("wall_seconds")
     assert wall_a > 0 and wall_b > 0
-    assert meta_a == meta_b == {"step": 2 * n, "epoch": 3, "step_in_epoch": 1, "steps_per_epoch": 3, "image_shape": [8, 8, 1]}
+    assert meta_a == meta_b == {"step": 2 * n, "epoch": 3, "step_in_epoch": 1, "steps_per_epoch": 3, "image_shape": [8, 8, 1],
+                                "num_devices": jax.device_count(), "padded_batch": 16}
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     rows = [json.loads(line) for line in open(tmp_path / "b" / "metrics.jsonl")]

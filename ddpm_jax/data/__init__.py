@@ -13,7 +13,7 @@ the training loop does no per-example Python work: a batch is one fancy-indexing
 The mesh and the batch shardings live in :mod:`ddpm_jax.sharding` (re-exported here).
 """
 
-from ddpm_jax.data.batches import BatchIterator, batch_indices, check_batch_divisible, flip_images, flip_mask, steps_per_epoch
+from ddpm_jax.data.batches import BatchIterator, batch_indices, flip_images, flip_mask, steps_per_epoch
 from ddpm_jax.data.download import DownloadError, default_cache_dir, fetch
 from ddpm_jax.data.folder import load_image_folder
 from ddpm_jax.data.idx import load_idx_directory, read_idx
@@ -26,5 +26,5 @@ __all__ = [
     "read_idx", "load_idx_directory", "load_tfds", "load_image_folder", "fetch", "default_cache_dir", "DownloadError",
     "SOURCES", "load_raw", "SCALES", "scale_images", "data_range", "unscale_images", "Splits", "load_splits",
     "splits_from_config", "steps_per_epoch", "batch_indices", "flip_mask", "flip_images", "BatchIterator",
-    "check_batch_divisible", "shard_batch", "shard_for_pmap", "make_mesh", "batch_sharding", "DATA_AXIS",
+    "shard_batch", "shard_for_pmap", "make_mesh", "batch_sharding", "DATA_AXIS",
 ]

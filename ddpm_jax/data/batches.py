@@ -16,7 +16,7 @@ import numpy as np
 
 from ddpm_jax.data.splits import _check_count
 
-__all__ = ["steps_per_epoch", "batch_indices", "flip_mask", "flip_images", "BatchIterator", "check_batch_divisible"]
+__all__ = ["steps_per_epoch", "batch_indices", "flip_mask", "flip_images", "BatchIterator"]
 
 def steps_per_epoch(num_examples: int, global_batch: int) -> int:
     """Number of full batches per epoch (the remainder is dropped).
@@ -78,15 +78,6 @@ def flip_images(images: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """``images`` ``(B, H, W, C)`` with those where ``mask`` ``(B,)`` is True mirrored along W
     (one vectorised ``np.where``); same dtype."""
     return np.where(np.asarray(mask, bool)[:, None, None, None], images[:, :, ::-1], images)
-
-
-def check_batch_divisible(global_batch: int, num_devices: int) -> None:
-    """Raises ValueError unless ``train.batch_size`` is divisible by the device count."""
-    if num_devices < 1 or global_batch % num_devices != 0:
-        raise ValueError(
-            f"train.batch_size={global_batch} is not divisible by the {num_devices} devices; "
-            f"choose a multiple of {num_devices}"
-        )
 
 
 class BatchIterator:

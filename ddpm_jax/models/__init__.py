@@ -102,10 +102,11 @@ def _as_tuple(v) -> Tuple:
 
 def make_ddpm_unet(*, image_shape: Sequence[int], ch: int = 128, ch_mult: Sequence[int] = (1, 2, 2, 2),
                    num_res_blocks: int = 2, attn_resolutions: Sequence[int] = (16,), dropout: float = 0.1,
-                   num_groups: int = 32) -> DDPMUNet:
+                   num_groups: int = 32, dtype: Any = jnp.float32) -> DDPMUNet:
     """Builds a ``DDPMUNet`` (Ho et al. 2020) for images of shape ``image_shape = (H, W, C)``; the
     output has ``C`` channels. The defaults are the paper's CIFAR-10 network (35,746,307 params at
-    32×32×3). Validated like :func:`make_model` (an abstract ``init`` via ``jax.eval_shape``), so
+    32×32×3); ``dtype`` is the compute dtype (params stay float32). Validated like :func:`make_model`
+    (an abstract ``init`` via ``jax.eval_shape``), so
     bad settings or an image size the levels do not divide raise ``ValueError`` before any compile.
     """
     ch_mult, attn_resolutions = _as_tuple(ch_mult), _as_tuple(attn_resolutions)
@@ -113,7 +114,7 @@ def make_ddpm_unet(*, image_shape: Sequence[int], ch: int = 128, ch_mult: Sequen
     check_unet_image_shape(image_shape, ch_mult)
     model = DDPMUNet(ch=int(ch), ch_mult=tuple(int(m) for m in ch_mult), num_res_blocks=int(num_res_blocks),
                      attn_resolutions=tuple(int(r) for r in attn_resolutions), dropout=float(dropout),
-                     num_groups=int(num_groups))
+                     num_groups=int(num_groups), dtype=dtype)
     x = jax.ShapeDtypeStruct((1, *tuple(int(d) for d in image_shape)), jnp.float32)
     t = jax.ShapeDtypeStruct((1,), jnp.float32)
     jax.eval_shape(model.init, jax.random.PRNGKey(0), x, t)
@@ -125,16 +126,9 @@ def make_ddpm_unet(*, image_shape: Sequence[int], ch: int = 128, ch_mult: Sequen
 MODEL_NAMES = ("scorenet", "unet")
 
 
-def _get(model_config, key: str, default=None):
-    try:
-        return model_config[key]
-    except (KeyError, AttributeError):
-        return default
-
-
 def model_name(model_config) -> str:
     """``model_config['name']``, or 'scorenet' where the key is absent."""
-    return _get(model_config, "name", "scorenet")
+    return model_config.get("name", "scorenet")
 
 
 def model_from_config(model_config, image_shape: Sequence[int], profile=None):
@@ -144,27 +138,29 @@ def model_from_config(model_config, image_shape: Sequence[int], profile=None):
     ``embed_dim``, ``num_groups``, ``fourier_scale``, ``conv_impl`` ('auto' or absent: the
     platform profile's, ``ddpm_jax.platform_profile``), and the profile's choice of fused or stock
     GroupNorm. 'unet': :func:`make_ddpm_unet` with ``ch``, ``ch_mult``, ``num_res_blocks``,
-    ``attn_resolutions``, ``dropout``, ``num_groups`` (stock layers on every platform). ``profile``:
+    ``attn_resolutions``, ``dropout``, ``num_groups`` (stock layers on every platform). Either
+    family computes in ``dtype`` ('float32', absent, or 'bfloat16'; params stay float32). ``profile``:
     a :class:`ddpm_jax.platform_profile.Profile` (default: this process's). Validated before
     anything is compiled: ``ValueError``, one line.
     """
     from ddpm_jax import platform_profile
 
     profile = profile or platform_profile.current()
-    conv_impl = _get(model_config, "conv_impl", "auto")
+    conv_impl = model_config.get("conv_impl", "auto")
+    dtype = jnp.dtype(model_config.get("dtype", "float32"))
     conv_impl = profile.conv_impl if conv_impl == "auto" else conv_impl
     name = model_name(model_config)
     m = model_config
     if name == "scorenet":
         return make_model(m["preset"], image_shape=image_shape, rho_head=m["rho_head"], embed_dim=m["embed_dim"],
                           num_groups=m["num_groups"], fourier_scale=m["fourier_scale"],
-                          conv_impl=conv_impl, fused_norm=profile.fused_group_norm)
+                          conv_impl=conv_impl, fused_norm=profile.fused_group_norm, dtype=dtype)
     if name == "unet":
-        if _get(m, "rho_head", False):
+        if m.get("rho_head", False):
             raise ValueError("model.rho_head = True: the ρ-head is a ScoreNet option (model.name='scorenet')")
         return make_ddpm_unet(image_shape=image_shape, ch=m["ch"], ch_mult=m["ch_mult"],
                               num_res_blocks=m["num_res_blocks"], attn_resolutions=m["attn_resolutions"],
-                              dropout=m["dropout"], num_groups=m["num_groups"])
+                              dropout=m["dropout"], num_groups=m["num_groups"], dtype=dtype)
     raise ValueError(f"unknown model.name {name!r}; choose one of {list(MODEL_NAMES)}")
 
 

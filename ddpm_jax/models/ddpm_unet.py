@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -60,17 +60,18 @@ def _init(scale: float = 1.0):
     return nn.initializers.variance_scaling(max(scale, 1e-10), "fan_avg", "uniform")
 
 
-def _conv(features: int, name: str, *, kernel: int = 3, stride: int = 1, init_scale: float = 1.0):
+def _conv(features: int, name: str, *, kernel: int = 3, stride: int = 1, init_scale: float = 1.0, dtype=jnp.float32):
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding="SAME",
-                   kernel_init=_init(init_scale), bias_init=nn.initializers.zeros, name=name)
+                   kernel_init=_init(init_scale), bias_init=nn.initializers.zeros, dtype=dtype, name=name)
 
 
-def _dense(features: int, name: str, init_scale: float = 1.0):
-    return nn.Dense(features, kernel_init=_init(init_scale), bias_init=nn.initializers.zeros, name=name)
+def _dense(features: int, name: str, init_scale: float = 1.0, dtype=jnp.float32):
+    return nn.Dense(features, kernel_init=_init(init_scale), bias_init=nn.initializers.zeros, dtype=dtype, name=name)
 
 
-def _norm(num_groups: int, name: str):
-    return nn.GroupNorm(num_groups=num_groups, epsilon=_EPS, name=name)
+def _norm(num_groups: int, name: str, dtype=jnp.float32):
+    # Flax computes the group statistics in float32 whatever the dtype
+    return nn.GroupNorm(num_groups=num_groups, epsilon=_EPS, dtype=dtype, name=name)
 
 
 def timestep_embedding(t, dim: int):
@@ -137,17 +138,19 @@ class ResnetBlock(nn.Module):
     out_ch: int
     num_groups: int
     dropout: float = 0.0
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, temb, train: bool = False):
-        h = nn.swish(_norm(self.num_groups, "norm1")(x))
-        h = _conv(self.out_ch, "conv1")(h)
-        h = h + _dense(self.out_ch, "temb_proj")(nn.swish(temb))[:, None, None, :]
-        h = nn.swish(_norm(self.num_groups, "norm2")(h))
+        dt = self.dtype
+        h = nn.swish(_norm(self.num_groups, "norm1", dt)(x))
+        h = _conv(self.out_ch, "conv1", dtype=dt)(h)
+        h = h + _dense(self.out_ch, "temb_proj", dtype=dt)(nn.swish(temb))[:, None, None, :]
+        h = nn.swish(_norm(self.num_groups, "norm2", dt)(h))
         h = nn.Dropout(rate=self.dropout, deterministic=not train)(h)
-        h = _conv(self.out_ch, "conv2", init_scale=0.0)(h)
+        h = _conv(self.out_ch, "conv2", init_scale=0.0, dtype=dt)(h)
         if x.shape[-1] != self.out_ch:
-            x = _conv(self.out_ch, "nin_shortcut", kernel=1)(x)
+            x = _conv(self.out_ch, "nin_shortcut", kernel=1, dtype=dt)(x)
         return x + h
 
 
@@ -157,15 +160,18 @@ class AttnBlock(nn.Module):
     channel axis) of ``GN(x)``."""
 
     num_groups: int
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x):
         B, H, W, C = x.shape
-        h = _norm(self.num_groups, "norm")(x)
-        q, k, v = (_dense(C, name)(h).reshape(B, H * W, C) for name in ("q", "k", "v"))
-        w = nn.softmax(jnp.einsum("bic,bjc->bij", q, k) * (C ** -0.5), axis=-1)  # (B, HW, HW)
+        h = _norm(self.num_groups, "norm", self.dtype)(x)
+        q, k, v = (_dense(C, name, dtype=self.dtype)(h).reshape(B, H * W, C) for name in ("q", "k", "v"))
+        # the softmax in float32: its exponentials and row sums are where bf16 rounding would show
+        logits = jnp.einsum("bic,bjc->bij", q, k).astype(jnp.float32) * (C ** -0.5)
+        w = nn.softmax(logits, axis=-1).astype(v.dtype)  # (B, HW, HW)
         h = jnp.einsum("bij,bjc->bic", w, v).reshape(B, H, W, C)
-        return x + _dense(C, "proj_out", init_scale=0.0)(h)
+        return x + _dense(C, "proj_out", init_scale=0.0, dtype=self.dtype)(h)
 
 
 class DDPMUNet(nn.Module):
@@ -179,6 +185,7 @@ class DDPMUNet(nn.Module):
       dropout: dropout rate in the residual blocks (active only with ``train=True``).
       num_groups: GroupNorm groups; divides ``ch`` and every ``ch·ch_mult[i]``.
       out_channels: output channels; ``None`` = the input's.
+      dtype: compute dtype of the layers (params stay float32; the output is float32).
 
     Call: ``x`` ``(B, H, W, C)`` float, ``t`` ``(B,)`` or a scalar (used as given), ``train`` bool
     → ``(B, H, W, out_channels)`` float32. With ``train=True`` and ``dropout > 0`` pass
@@ -192,6 +199,7 @@ class DDPMUNet(nn.Module):
     dropout: float = 0.1
     num_groups: int = 32
     out_channels: Optional[int] = None
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, t, train: bool = False):
@@ -211,37 +219,38 @@ class DDPMUNet(nn.Module):
         attn_at = tuple(int(r) for r in self.attn_resolutions)
 
         def block(h, width, name):
-            return ResnetBlock(width, self.num_groups, self.dropout, name=name)(h, temb, train)
+            return ResnetBlock(width, self.num_groups, self.dropout, self.dtype, name=name)(h, temb, train)
 
+        dt = self.dtype
         temb = timestep_embedding(t, self.ch)
-        temb = _dense(4 * self.ch, "temb_dense0")(temb)
-        temb = _dense(4 * self.ch, "temb_dense1")(nn.swish(temb))
+        temb = _dense(4 * self.ch, "temb_dense0", dtype=dt)(temb)
+        temb = _dense(4 * self.ch, "temb_dense1", dtype=dt)(nn.swish(temb))
 
-        hs = [_conv(self.ch, "conv_in")(x.astype(jnp.float32))]
+        hs = [_conv(self.ch, "conv_in", dtype=dt)(x.astype(jnp.float32))]
         for i in range(levels):
             for j in range(self.num_res_blocks):
                 h = block(hs[-1], self.ch * self.ch_mult[i], f"down_{i}_block_{j}")
                 if h.shape[1] in attn_at:
-                    h = AttnBlock(self.num_groups, name=f"down_{i}_attn_{j}")(h)
+                    h = AttnBlock(self.num_groups, dt, name=f"down_{i}_attn_{j}")(h)
                 hs.append(h)
             if i != levels - 1:
-                hs.append(_conv(hs[-1].shape[-1], f"down_{i}_downsample", stride=2)(hs[-1]))
+                hs.append(_conv(hs[-1].shape[-1], f"down_{i}_downsample", stride=2, dtype=dt)(hs[-1]))
 
         h = hs[-1]
         h = block(h, h.shape[-1], "mid_block_1")
-        h = AttnBlock(self.num_groups, name="mid_attn_1")(h)
+        h = AttnBlock(self.num_groups, dt, name="mid_attn_1")(h)
         h = block(h, h.shape[-1], "mid_block_2")
 
         for i in reversed(range(levels)):
             for j in range(self.num_res_blocks + 1):
                 h = block(jnp.concatenate([h, hs.pop()], axis=-1), self.ch * self.ch_mult[i], f"up_{i}_block_{j}")
                 if h.shape[1] in attn_at:
-                    h = AttnBlock(self.num_groups, name=f"up_{i}_attn_{j}")(h)
+                    h = AttnBlock(self.num_groups, dt, name=f"up_{i}_attn_{j}")(h)
             if i != 0:
                 b, hh, ww, c = h.shape
                 h = jnp.broadcast_to(h[:, :, None, :, None, :], (b, hh, 2, ww, 2, c)).reshape(b, 2 * hh, 2 * ww, c)
-                h = _conv(c, f"up_{i}_upsample")(h)
+                h = _conv(c, f"up_{i}_upsample", dtype=dt)(h)
         assert not hs
 
-        h = nn.swish(_norm(self.num_groups, "norm_out")(h))
-        return _conv(out_ch, "conv_out", init_scale=0.0)(h)
+        h = nn.swish(_norm(self.num_groups, "norm_out", dt)(h))
+        return _conv(out_ch, "conv_out", init_scale=0.0, dtype=dt)(h).astype(jnp.float32)
