@@ -43,7 +43,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.dropout = 0.1  # "we set the dropout rate on CIFAR10 to 0.1"
     c.model.num_groups = 32  # GroupNorm's 32 groups (tf.contrib.layers.group_norm's default)
     c.model.time_input = "index"  # the network embeds the integer step t
-    c.model.dtype = "float32"  # compute dtype: \'float32\' | \'bfloat16\' (GPU/TPU; params and optimiser state stay float32)
+    c.model.dtype = "float32"  # compute dtype: 'float32' | 'bfloat16' (GPU/TPU; params and optimiser state stay float32)
+    c.model.num_classes = 0  # K > 0: class-conditional (labels 0..K-1; ddpm_jax/guidance.py) | 0: unconditional
 
     c.objective = ml_collections.ConfigDict()
     c.objective.name = "eps"  # predict ε
@@ -64,6 +65,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 128  # "batch size 128 for CIFAR10"
     c.train.grad_accum_steps = 1  # k > 1: each batch as k micro-batches, gradients summed (the same update, 1/k the activations)
+    c.train.label_dropout = 0.0  # class-conditional: probability of training on "no class" instead of the label
     c.train.num_epochs = 0
     c.train.num_steps = 800_000  # "trained for 800k steps"
     c.train.ema_decay = 0.9999  # "EMA on model parameters with a decay factor of 0.9999"
@@ -80,6 +82,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.sampling.num_steps = 0  # DDIM only: its number of steps (0: every one of the T)
     c.sampling.eta = 0.0  # DDIM only: its η
     c.sampling.clip_x0 = True  # its sampler clips x̂_0 to [-1, 1] at every step (clip_denoised)
+    c.sampling.guidance = 0.0  # class-conditional: classifier-free guidance w, (1 + w) f(x, t, c) - w f(x, t, no class)
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 5000

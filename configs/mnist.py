@@ -53,7 +53,8 @@ def get_config(variant: str = "eps") -> ml_collections.ConfigDict:
     c.model.fourier_scale = 30.0
     c.model.rho_head = variant in ("mean", "xprev")  # μ = ρ0 (x_t − ρ1 δ), the notebook's Coding I head
     c.model.time_input = "index"  # 'index': the network sees t (the notebook) | 'fraction': t / T
-    c.model.dtype = "float32"  # compute dtype: \'float32\' | \'bfloat16\' (GPU/TPU; params and optimiser state stay float32)
+    c.model.dtype = "float32"  # compute dtype: 'float32' | 'bfloat16' (GPU/TPU; params and optimiser state stay float32)
+    c.model.num_classes = 0  # K > 0: class-conditional (labels 0..K-1; ddpm_jax/guidance.py) | 0: unconditional
     # How the strided, transposed and output convolutions are computed; same parameters and numbers
     # either way (ddpm_jax/models/scorenet.py CONV_IMPLS). 'auto': the platform profile's ('phases' on
     # CPU, the fastest there: docs/performance.md; 'xla', stock layers, on GPU/TPU) | 'phases' |
@@ -82,6 +83,7 @@ def get_config(variant: str = "eps") -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 100  # global batch, split over all devices (and hosts), padded to a multiple of them
     c.train.grad_accum_steps = 1  # k > 1: each batch as k micro-batches, gradients summed (the same update, 1/k the activations)
+    c.train.label_dropout = 0.0  # class-conditional: probability of training on "no class" instead of the label
     c.train.num_epochs = 60
     c.train.num_steps = 0  # > 0: train this many steps, overriding num_epochs
     c.train.ema_decay = 0.999  # EMA of the params (used for samples); warmed up as min(d, (1+s)/(10+s))
@@ -100,6 +102,7 @@ def get_config(variant: str = "eps") -> ml_collections.ConfigDict:
     c.sampling.num_steps = 0  # DDIM only: its number of steps (0: every one of the T)
     c.sampling.eta = 0.0  # DDIM only: its η
     c.sampling.clip_x0 = False  # clip x̂_0 to the data range at every step (the notebook does not)
+    c.sampling.guidance = 0.0  # class-conditional: classifier-free guidance w, (1 + w) f(x, t, c) - w f(x, t, no class)
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 1000  # also saved at the end and on Ctrl-C / SIGTERM

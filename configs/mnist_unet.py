@@ -5,6 +5,7 @@ training on a 2-core CPU, sampled with the ancestral sampler in 100 network eval
         [--config.data.path=DIR]      # offline: a directory of the MNIST IDX files
     python -m experiments.score_checkpoints --workdir runs/mnist_unet --num 2000    # quality against minutes
     python -m experiments.model_summary --config configs/mnist_unet.py
+    python -m experiments.train --config configs/mnist_unet.py:conditional --workdir runs/mnist_cond   # class-conditional
 
 Each choice and the measurement behind it (docs/results.md, "The strong recipe"):
 
@@ -29,7 +30,12 @@ Each choice and the measurement behind it (docs/results.md, "The strong recipe")
 import ml_collections
 
 
-def get_config() -> ml_collections.ConfigDict:
+VARIANTS = ("", "conditional")
+
+
+def get_config(variant: str = "") -> ml_collections.ConfigDict:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown config variant {variant!r}; valid variants: {VARIANTS}")
     c = ml_collections.ConfigDict()
     c.seed = 0
 
@@ -58,7 +64,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.dropout = 0.0
     c.model.num_groups = 8  # divides 16 and 32
     c.model.time_input = "index"
-    c.model.dtype = "float32"  # compute dtype: \'float32\' | \'bfloat16\' (GPU/TPU; params and optimiser state stay float32)
+    c.model.dtype = "float32"  # compute dtype: 'float32' | 'bfloat16' (GPU/TPU; params and optimiser state stay float32)
+    c.model.num_classes = 0  # K > 0: class-conditional (labels 0..K-1; ddpm_jax/guidance.py) | 0: unconditional
 
     c.objective = ml_collections.ConfigDict()
     c.objective.name = "eps"
@@ -79,6 +86,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 128
     c.train.grad_accum_steps = 1  # k > 1: each batch as k micro-batches, gradients summed (the same update, 1/k the activations)
+    c.train.label_dropout = 0.0  # class-conditional: probability of training on "no class" instead of the label
     c.train.num_epochs = 25
     c.train.num_steps = 0
     c.train.ema_decay = 0.999
@@ -95,8 +103,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.sampling.eta = 1.0  # the ancestral sampler on the respaced steps
     c.sampling.ddpm_variance = "posterior"
     c.sampling.clip_x0 = True  # clip x̂_0 to [-1, 1] each step, as the paper's sampler does
+    c.sampling.guidance = 0.0  # class-conditional: classifier-free guidance w, (1 + w) f(x, t, c) - w f(x, t, no class)
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 975  # every 2.5 epochs
     c.checkpoint.keep = 10
+    if variant == "conditional":  # the same recipe told which digit to draw (classifier-free guidance)
+        c.model.num_classes = 10
+        c.train.label_dropout = 0.1  # 10 % of the steps' labels replaced by "no class"
+        c.sampling.guidance = 1.0
     return c

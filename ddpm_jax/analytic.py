@@ -11,12 +11,17 @@ analytic ``model_fn`` plugs into any sampler, loss or bound):
     q(x_{t−1} | x_t) = N(μ̃_t(x_t, E[x_0|x_t]),  β̃_t + c_0(t)² Var[x_0 | x_t])
 
 ``m`` and ``s`` may be scalars or arrays broadcastable to one example's shape.
+
+For a mixture of K such Gaussians with a shared s (class k with probability π_k), the class of
+x_t has posterior r_k(x_t) ∝ π_k exp(−‖x_t − √ᾱ_t m_k‖² / (2 v_t)), and E[x_0 | x_t] = Σ_k r_k
+E_k[x_0 | x_t]: :func:`gaussian_mixture_class_denoiser` is the exact class-conditional denoiser.
 """
 
 from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 
 from ddpm_jax import diffusion
@@ -26,6 +31,7 @@ from ddpm_jax.schedules import Schedule
 __all__ = [
     "gaussian_posterior_x0",
     "gaussian_data_denoiser",
+    "gaussian_mixture_class_denoiser",
     "gaussian_true_reverse_variance",
     "gaussian_entropy",
     "gaussian_prior_kl",
@@ -62,6 +68,50 @@ def gaussian_data_denoiser(schedule: Schedule, mean, std, parameterisation: str 
         if parameterisation == "v":
             return diffusion.predict_v(schedule, x0_hat, t, eps_hat)
         raise ValueError(f"unknown parameterisation {parameterisation!r}; expected one of {diffusion.PARAMETERISATIONS}")
+
+    return model_fn
+
+
+def _from_x0(schedule: Schedule, x_t, t, x0_hat, parameterisation: str):
+    """The prediction of ``parameterisation`` whose x̂_0 is ``x0_hat`` (E[ε|x_t] etc. are linear in it)."""
+    if parameterisation == "x0":
+        return x0_hat * jnp.ones_like(x_t)
+    if parameterisation == "mean":
+        return diffusion.mean_from_x0(schedule, x_t, t, x0_hat)
+    eps_hat = diffusion.predict_eps_from_x0(schedule, x_t, t, x0_hat)
+    if parameterisation == "eps":
+        return eps_hat
+    if parameterisation == "v":
+        return diffusion.predict_v(schedule, x0_hat, t, eps_hat)
+    raise ValueError(f"unknown parameterisation {parameterisation!r}; expected one of {diffusion.PARAMETERISATIONS}")
+
+
+def gaussian_mixture_class_denoiser(schedule: Schedule, means, std, weights=None, parameterisation: str = "eps"):
+    """The Bayes-optimal class-conditional ``model_fn(x_t, t, y)`` for x_0 | y = k ~ N(means[k], std² I).
+
+    ``means`` ``(K, ...)`` (one example's shape after K), ``std`` a scalar, ``weights`` the class
+    probabilities π (default uniform). Label ``y = k`` gives class k's Gaussian denoiser; ``y = −1``
+    (``ddpm_jax.guidance.NO_CLASS``) or ``y=None`` the mixture's, E[x_0 | x_t] = Σ_k r_k(x_t)
+    E_k[x_0 | x_t]. Predicts the requested parameterisation, as :func:`gaussian_data_denoiser`."""
+    means = jnp.asarray(means, jnp.float32)
+    k = means.shape[0]
+    log_pi = jnp.log(jnp.full((k,), 1.0 / k) if weights is None else jnp.asarray(weights, jnp.float32))
+
+    def model_fn(x_t, t, y=None):
+        abar = extract(schedule.alpha_bars, t, x_t.shape)
+        v = abar * jnp.square(std) + extract(schedule.one_minus_alpha_bars, t, x_t.shape)
+        axes = tuple(range(1, x_t.ndim))
+        per_class = jnp.stack([gaussian_posterior_x0(schedule, means[j], std, x_t, t)[0] for j in range(k)], 1)
+        d2 = jnp.stack([jnp.sum(jnp.square(x_t - jnp.sqrt(abar) * means[j]) / v, axis=axes) for j in range(k)], 1)
+        r = jax.nn.softmax(log_pi - 0.5 * d2, axis=1)  # (B, K): the class posterior r_k(x_t)
+        mixture = jnp.einsum("bk,bk...->b...", r, per_class)
+        if y is None:
+            x0_hat = mixture
+        else:
+            y = jnp.broadcast_to(jnp.asarray(y, jnp.int32), x_t.shape[:1])
+            chosen = jnp.take_along_axis(per_class, jnp.maximum(y, 0).reshape((-1, 1) + (1,) * (x_t.ndim - 1)), 1)[:, 0]
+            x0_hat = jnp.where((y >= 0).reshape((-1,) + (1,) * (x_t.ndim - 1)), chosen, mixture)
+        return _from_x0(schedule, x_t, t, x0_hat, parameterisation)
 
     return model_fn
 

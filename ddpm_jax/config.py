@@ -181,6 +181,8 @@ def validate_config(config) -> None:
             raise ConfigError(f"config.model.rho_head = {rho!r}: the ρ-head is a ScoreNet option "
                               "(model.name='scorenet'); set it to False")
     _choice(config, "model.time_input", TIME_INPUTS)
+    if "num_classes" in _get(config, "model"):  # absent: 0, unconditional
+        _int(config, "model.num_classes", minimum=0)
     if _get(config, "model").get("dtype", "float32") not in DTYPES:  # absent: float32
         raise ConfigError(f"config.model.dtype = {_get(config, 'model').get('dtype')!r}: must be one of {list(DTYPES)}")
 
@@ -204,6 +206,8 @@ def validate_config(config) -> None:
     _float(config, "optim.grad_clip_norm", low=0.0)
 
     batch = _int(config, "train.batch_size", minimum=1)
+    if "label_dropout" in _get(config, "train"):  # absent: 0
+        _float(config, "train.label_dropout", 0.0, 1.0, high_open=True)
     if "grad_accum_steps" in _get(config, "train"):  # absent: 1
         _int(config, "train.grad_accum_steps", minimum=1, maximum=batch)
     num_steps = _int(config, "train.num_steps", minimum=0)
@@ -229,6 +233,12 @@ def validate_config(config) -> None:
                                         grid=s.get("grid", "") or None)
         except ValueError as e:
             raise ConfigError(f"config.sampling: {e} (sampling.num_steps = 0 means every step, grid '' the method's default)") from None
+
+    if "guidance" in s:  # absent: 0
+        w = _float(config, "sampling.guidance", low=0.0)
+        if w and not _get(config, "model").get("num_classes", 0):
+            raise ConfigError(f"config.sampling.guidance = {w}: guidance needs a class-conditional model "
+                              "(model.num_classes > 0)")
 
     _int(config, "checkpoint.every_steps", minimum=1)
     _int(config, "checkpoint.keep", minimum=1)

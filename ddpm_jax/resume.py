@@ -21,12 +21,13 @@ RESUME_MUST_MATCH = (
     "seed", "data.source", "data.name", "data.scale", "data.train_size", "data.val_size",
     "data.random_flip", "schedule", "model.name", "model.preset", "model.embed_dim", "model.num_groups",
     "model.fourier_scale", "model.rho_head", "model.time_input", "model.ch", "model.ch_mult",
-    "model.num_res_blocks", "model.attn_resolutions", "model.dropout", "objective", "optim", "train.batch_size",
+    "model.num_res_blocks", "model.attn_resolutions", "model.dropout", "model.num_classes", "objective", "optim",
+    "train.batch_size", "train.label_dropout",
 )  # not model.conv_impl, model.dtype or train.grad_accum_steps: they change how the step is computed,
 #    not the parameters or the update it stands for
 
 #: What a key absent from an older run's config.json meant.
-RESUME_DEFAULTS = {"model.name": "scorenet", "data.random_flip": False}
+RESUME_DEFAULTS = {"model.name": "scorenet", "data.random_flip": False, "model.num_classes": 0, "train.label_dropout": 0.0}
 
 
 def log(msg: str) -> None:

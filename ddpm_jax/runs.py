@@ -39,6 +39,8 @@ def sampling_tag(options: dict) -> str:
         tag += f"_eta{options.get('eta', 0.0):g}"
     if options.get("grid"):
         tag += f"_{options['grid']}"
+    if "guidance" in options:
+        tag += f"_w{options['guidance']:g}"
     if options.get("s_churn"):
         tag += f"_churn{options['s_churn']:g}"
         if (options["s_tmin"], options["s_tmax"], options["s_noise"]) != (0.0, float("inf"), 1.0):
@@ -71,17 +73,24 @@ class Run:
     def data_scale(self) -> str:
         return self.config.data.scale
 
+    @property
+    def num_classes(self) -> int:
+        """K for a class-conditional run (labels 0..K−1), 0 for an unconditional one."""
+        return int(self.config.model.get("num_classes", 0))
+
     def model_fn(self, ema: bool = True):
-        """``model_fn(x_t, t)`` with the EMA params (default) or the raw params."""
+        """``model_fn(x_t, t)`` (``model_fn(x_t, t, y)`` with labels for a class-conditional run)
+        with the EMA params (default) or the raw params."""
         return make_model_fn(self.model.apply, self.ema_params if ema else self.params,
                              time_input=self.config.model.time_input, num_steps=self.schedule.num_steps)
 
     def sampler_options(self, method=None, *, num_steps=None, eta=None, ddpm_variance=None, clip_x0=None, grid=None,
-                        s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0) -> dict:
+                        s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0, guidance=None) -> dict:
         """Keyword arguments for :func:`ddpm_jax.sampling.sample`, defaults from the run's config,
         validated (ValueError) before anything is compiled. ``clip_x0``: bool or None (config).
         ``num_steps`` / ``eta`` / ``grid`` default to ``config.sampling``'s when ``method`` is the
-        config's. The step grid and Heun's churn appear in the result only when set."""
+        config's. The step grid and Heun's churn appear in the result only when set; ``guidance`` (w,
+        default the config's ``sampling.guidance``, else 0) only for a class-conditional run."""
         s = self.config.sampling
         if method is None or method == s.method:
             num_steps = num_steps or s.get("num_steps", 0) or None
@@ -100,21 +109,31 @@ class Run:
             opts["grid"] = grid
         if s_churn:
             opts.update(churn)
+        w = s.get("guidance", 0.0) if guidance is None else guidance
+        if self.num_classes:
+            if not w >= 0:
+                raise ValueError(f"--guidance={w}: must be >= 0 (0 = the conditional model)")
+            opts["guidance"] = float(w)
+        elif w:
+            raise ValueError(f"--guidance={w}: {self.workdir} holds an unconditional model (model.num_classes = 0); "
+                             "guidance needs a class-conditional one")
         return opts
 
     def make_sampler(self, batch_size: int, options: dict, *, ema: bool = True, return_trajectory: bool = False):
-        """``fn(key) -> samples (batch_size, H, W, C)`` (and the trajectory if asked): one compiled
-        ``lax.scan`` serves every batch, with the params passed in (not compiled in as constants);
-        ``fn.compile(key)`` compiles it ahead of use. The samples are split over this process's
+        """``fn(key) -> samples (batch_size, H, W, C)`` (and the trajectory if asked); for a
+        class-conditional run ``fn(key, labels)`` with labels ``(batch_size,)`` int (−1: no class) and
+        ``options['guidance']``. One compiled ``lax.scan`` serves every batch, with the params passed
+        in (not compiled in as constants); ``fn.compile(key[, labels])`` compiles it ahead of use. The samples are split over this process's
         devices when ``batch_size`` divides evenly (:func:`ddpm_jax.data.batch_sharding`); the
         noise does not depend on the split (JAX's partitionable threefry), so neither do the samples."""
         shape = (batch_size,) + self.image_shape
         sharding = None if return_trajectory else data.batch_sharding(batch_size)
         cfg = self.config.model
 
-        def fn(params, key):
+        def fn(params, key, labels=None):
             model_fn = make_model_fn(self.model.apply, params, time_input=cfg.time_input, num_steps=self.schedule.num_steps)
-            return sampling.sample(model_fn, self.schedule, shape, key, return_trajectory=return_trajectory, **options)
+            return sampling.sample(model_fn, self.schedule, shape, key, return_trajectory=return_trajectory, labels=labels,
+                                   **options)
 
         params = self.ema_params if ema else self.params
         if sharding is not None:  # replicated on the devices the samples are split over
@@ -129,12 +148,12 @@ class _Sampler:
     def __init__(self, jitted, params):
         self.jitted, self.params = jitted, params
 
-    def __call__(self, key):
-        return self.jitted(self.params, key)
+    def __call__(self, key, labels=None):
+        return self.jitted(self.params, key, labels)
 
-    def compile(self, key):
-        compiled = self.jitted.lower(self.params, key).compile()
-        return lambda k: compiled(self.params, k)
+    def compile(self, key, labels=None):
+        compiled = self.jitted.lower(self.params, key, labels).compile()
+        return lambda k, y=None: compiled(self.params, k, y)
 
 
 def _restore(ckpt: Checkpointer, config, step: int):

@@ -34,11 +34,13 @@ class SamplesError(ValueError):
     """A samples file or array cannot be evaluated as the run's samples; one line says why."""
 
 
-def save_samples(path: str, samples: np.ndarray, *, scale: str) -> str:
-    """Writes ``samples`` (N, H, W, C) in data scale ``scale`` with their [0, 1] ``images``."""
+def save_samples(path: str, samples: np.ndarray, *, scale: str, labels=None) -> str:
+    """Writes ``samples`` (N, H, W, C) in data scale ``scale`` with their [0, 1] ``images`` (and
+    ``labels`` (N,), the class each was drawn for, when given)."""
     samples = np.asarray(samples, np.float32)
     images = np.asarray(data.unscale_images(samples, scale), np.float32)
-    return save_npz(path, samples=samples, images=images, scale=np.asarray(scale))
+    extra = {} if labels is None else {"labels": np.asarray(labels, np.int32)}
+    return save_npz(path, samples=samples, images=images, scale=np.asarray(scale), **extra)
 
 
 def load_samples(path: str) -> Tuple[np.ndarray, Optional[str]]:

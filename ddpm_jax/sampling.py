@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import diffusion, solvers, step_grids
+from ddpm_jax import diffusion, guidance as guidance_lib, solvers, step_grids
 from ddpm_jax.diffusion import extract
 from ddpm_jax.schedules import Schedule
 from ddpm_jax.step_grids import GRIDS, ddim_timesteps
@@ -139,6 +139,8 @@ def sample(
     s_tmin: float = 0.0,
     s_tmax: float = float("inf"),
     s_noise: float = 1.0,
+    labels=None,
+    guidance: float = 0.0,
     return_trajectory: bool = False,
 ):
     """Draws ``shape[0]`` samples by running the reverse process (see the module docstring).
@@ -156,6 +158,10 @@ def sample(
       parameterisation: what ``model_fn`` predicts, if not the method's native one.
       grid: the step grid of 'ddim', 'dpm_solver_pp' and 'heun' (:data:`GRIDS`; None = the method's default).
       s_churn, s_tmin, s_tmax, s_noise: EDM's churn for 'heun' (s_churn = 0: deterministic).
+      labels: int ``(B,)`` classes to draw (−1: no class), for a conditional ``model_fn(x_t, t, y)``
+        (:mod:`ddpm_jax.guidance`); None: ``model_fn(x_t, t)``.
+      guidance: classifier-free guidance w >= 0 with ``labels``: the sampler sees
+        (1 + w) f(x_t, t, c) − w f(x_t, t, ∅), both from one network call on 2B inputs.
       return_trajectory: also return the trajectory.
 
     Returns:
@@ -165,6 +171,12 @@ def sample(
     """
     S = check_sampler_args(method, schedule.num_steps, num_steps, eta, ddpm_variance, parameterisation, grid,
                            s_churn, s_tmin, s_tmax, s_noise)
+    if labels is not None:
+        if isinstance(guidance, (int, float)) and not guidance >= 0:
+            raise ValueError(f"guidance = {guidance}: must be >= 0 (0 = the conditional model)")
+        model_fn = guidance_lib.guided_model_fn(model_fn, labels, guidance)
+    elif not (isinstance(guidance, (int, float)) and guidance == 0):
+        raise ValueError(f"guidance = {guidance} needs labels (the classes to draw)")
     param = parameterisation or METHODS[method]
     T = schedule.num_steps
     if method in STRIDED:
@@ -228,8 +240,10 @@ def sample(
     return (x_0, solvers.trajectory(ts, x_T, outs)) if return_trajectory else x_0
 
 
-def sample_in_batches(sample_fn: Callable, num: int, batch_size: int, key, *, progress: bool = True) -> np.ndarray:
-    """Draws ``num`` samples with ``sample_fn(key) -> (batch_size, ...)``, batch by batch.
+def sample_in_batches(sample_fn: Callable, num: int, batch_size: int, key, *, labels=None,
+                      progress: bool = True) -> np.ndarray:
+    """Draws ``num`` samples with ``sample_fn(key) -> (batch_size, ...)``, batch by batch; with
+    ``labels`` (``(num,)`` int, the class of each sample), ``sample_fn(key, labels_of_the_batch)``.
 
     ``sample_fn`` should be jitted (one compile serves every batch); batch i uses ``fold_in(key, i)``.
     Returns a NumPy array ``(num, ...)`` (the last batch is trimmed).
@@ -238,6 +252,13 @@ def sample_in_batches(sample_fn: Callable, num: int, batch_size: int, key, *, pr
 
     out = []
     n_batches = -(-num // batch_size)
+    if labels is not None:
+        labels = np.asarray(labels, np.int32)
+        if labels.shape != (num,):
+            raise ValueError(f"labels must have shape ({num},), one class per sample, got {labels.shape}")
+        labels = np.concatenate([labels, np.full(n_batches * batch_size - num, labels[-1], np.int32)])
     for i in tqdm(range(n_batches), desc="sampling", unit="batch", disable=not progress):
-        out.append(np.asarray(sample_fn(jax.random.fold_in(key, i))))
+        k = jax.random.fold_in(key, i)
+        y = None if labels is None else labels[i * batch_size:(i + 1) * batch_size]
+        out.append(np.asarray(sample_fn(k) if y is None else sample_fn(k, y)))
     return np.concatenate(out, axis=0)[:num]

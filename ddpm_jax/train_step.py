@@ -34,7 +34,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ddpm_jax import rng, sharding
+from ddpm_jax import guidance, rng, sharding
 from ddpm_jax.models import make_model_fn, takes_train
 from ddpm_jax.schedules import Schedule
 from ddpm_jax.train_state import TrainState, ema_decay_at, ema_update
@@ -52,7 +52,9 @@ class StepConfig:
 
     apply_fn: the network's ``apply``; loss_fn: an objective from ``objectives.get_objective``;
     tx: the optimiser; ema_decay: target EMA decay; time_input: 'index' | 'fraction';
-    accum_steps: micro-batches per step (``train.grad_accum_steps``; the batch must divide into them).
+    accum_steps: micro-batches per step (``train.grad_accum_steps``; the batch must divide into them);
+    label_dropout: the probability of training a class-conditional network on "no class" instead
+    of an example's label (``train.label_dropout``, :func:`ddpm_jax.guidance.drop_labels`).
     """
 
     apply_fn: Callable
@@ -61,6 +63,7 @@ class StepConfig:
     ema_decay: float
     time_input: str = "index"
     accum_steps: int = 1
+    label_dropout: float = 0.0
 
 
 def as_batch(images, *, first_id=0, total: Optional[int] = None) -> Dict[str, Any]:
@@ -81,9 +84,14 @@ def _loss_and_grads(cfg: StepConfig, params, schedule: Schedule, batch, step_key
     if takes_train(cfg.apply_fn):
         dropout_keys = rng.per_example_keys(jax.random.fold_in(step_key, DROPOUT_STREAM), ids)
 
+    labels = None
+    if "label" in batch:  # a class-conditional network
+        labels = guidance.drop_labels(batch["label"], step_key, ids, cfg.label_dropout)
+
     def loss(p):
-        model_fn = make_model_fn(cfg.apply_fn, p, time_input=cfg.time_input, num_steps=schedule.num_steps,
-                                 dropout_key=dropout_keys)
+        net = make_model_fn(cfg.apply_fn, p, time_input=cfg.time_input, num_steps=schedule.num_steps,
+                            dropout_key=dropout_keys)
+        model_fn = (lambda x, t: net(x, t, labels)) if labels is not None else net
         _, aux = cfg.loss_fn(model_fn, schedule, batch["image"], keys)
         return jnp.sum(aux["per_example"] * batch["weight"])
 
@@ -165,15 +173,17 @@ def padded_size(batch: int, multiple: int) -> int:
     return -(-batch // multiple) * multiple
 
 
-def eval_step(cfg: StepConfig, params, schedule: Schedule, batch, mask, key, example_ids) -> Dict[str, jnp.ndarray]:
+def eval_step(cfg: StepConfig, params, schedule: Schedule, batch, mask, key, example_ids, labels=None) -> Dict[str, jnp.ndarray]:
     """Sum of per-example losses over the examples with ``mask`` 1, and their count.
 
     ``key`` is fixed across evaluations, with one key per example (``example_ids`` = the
     examples' indices in the evaluation set), so the same example always sees the same t and
-    noise and validation losses are comparable between epochs.
+    noise and validation losses are comparable between epochs. ``labels``: the examples' classes,
+    for a class-conditional network (no label dropout here).
     """
     keys = rng.per_example_keys(key, example_ids)
-    model_fn = make_model_fn(cfg.apply_fn, params, time_input=cfg.time_input, num_steps=schedule.num_steps)
+    net = make_model_fn(cfg.apply_fn, params, time_input=cfg.time_input, num_steps=schedule.num_steps)
+    model_fn = (lambda x, t: net(x, t, labels)) if labels is not None else net
     _, aux = cfg.loss_fn(model_fn, schedule, batch, keys)
     return {"loss_sum": jnp.sum(aux["per_example"] * mask), "count": jnp.sum(mask)}
 
@@ -297,10 +307,11 @@ class Parallel:
         under pmap the metrics keep their device axis). For benchmarks and profiles."""
         return self._train.lower(state, schedule, batch).compile()
 
-    def evaluate(self, params, schedule: Schedule, images: np.ndarray, key, batch_size: int) -> float:
-        """Mean per-example loss over ``images`` (N, H, W, C), in padded, masked batches of the
-        global ``batch_size`` (itself padded to a multiple of the device count); with several
-        processes each feeds its slice of every batch."""
+    def evaluate(self, params, schedule: Schedule, images: np.ndarray, key, batch_size: int, labels=None) -> float:
+        """Mean per-example loss over ``images`` (N, H, W, C) (with ``labels`` (N,) for a
+        class-conditional network), in padded, masked batches of the global ``batch_size`` (itself
+        padded to a multiple of the device count); with several processes each feeds its slice of
+        every batch."""
         from ddpm_jax import platform_profile
 
         n = images.shape[0]
@@ -325,8 +336,12 @@ class Parallel:
             mask = np.concatenate([np.ones(m, np.float32), np.zeros(pad, np.float32)])
             ids = np.arange(start, start + per_batch, dtype=np.int32)
             mine = slice(pi * lb, (pi + 1) * lb)
+            y = None
+            if labels is not None:
+                y = np.concatenate([labels[start:start + per_batch], np.zeros(pad, np.int32)]).astype(np.int32)
+                y = sharding.shard_batch(y[mine], self.mesh)
             out = self._eval(params, schedule, *(sharding.shard_batch(a[mine], self.mesh) for a in (chunk, mask)), key,
-                             sharding.shard_batch(ids[mine], self.mesh))
+                             sharding.shard_batch(ids[mine], self.mesh), y)
             sums.append(jax.block_until_ready(out) if wait else out)
         tot = jax.device_get(sums)
         return float(sum(o["loss_sum"] for o in tot) / sum(o["count"] for o in tot))

@@ -151,7 +151,8 @@ def _build_step(config, image_shape, steps_per_epoch: int):
     loss_fn = objectives.get_objective(config.objective.name, weighting=config.objective.weighting,
                                        reduction=config.objective.reduction)
     step_cfg = StepConfig(apply_fn=model.apply, loss_fn=loss_fn, tx=tx, ema_decay=config.train.ema_decay,
-                          time_input=config.model.time_input, accum_steps=config.train.get("grad_accum_steps", 1))
+                          time_input=config.model.time_input, accum_steps=config.train.get("grad_accum_steps", 1),
+                          label_dropout=config.train.get("label_dropout", 0.0))
     return model, params, step_cfg, Parallel(step_cfg, mode=config.train.parallel)
 
 
@@ -173,10 +174,13 @@ def _log_layout(par: Parallel, batch_size: int, meta: Dict[str, Any]) -> None:
 
 def _make_grid_sampler(config, model, image_shape, par: Parallel):
     """The grid sampler: one compiled ``lax.scan`` from the EMA params, returning
-    ``train.num_grid_samples`` images."""
+    ``train.num_grid_samples`` images (of a class-conditional model: sample i of class i mod K,
+    with the config's guidance)."""
     n_grid = config.train.num_grid_samples
     param_kind = objectives.PREDICTS[config.objective.name]
     s = config.sampling
+    k = _num_classes(config)
+    labels = np.arange(n_grid, dtype=np.int32) % k if k else None
     # Split over this process's devices where they divide the grid, as runs.Run.make_sampler does
     # (a replicated output would have every device draw the whole grid); with several processes
     # replicated, so that every process gets the whole grid.
@@ -188,9 +192,22 @@ def _make_grid_sampler(config, model, image_shape, par: Parallel):
         return sampling.sample(fn, sched, (n_grid,) + image_shape, key, method=s.method,
                                num_steps=s.get("num_steps", 0) or None, eta=s.get("eta", 0.0), grid=s.get("grid", "") or None,
                                ddpm_variance=s.ddpm_variance, parameterisation=param_kind,
-                               clip_x0=data.data_range(config.data.scale) if s.clip_x0 else None)
+                               clip_x0=data.data_range(config.data.scale) if s.clip_x0 else None,
+                               labels=labels, guidance=s.get("guidance", 0.0) if k else 0.0)
 
     return sample_grid
+
+
+def _num_classes(config) -> int:
+    return int(config.model.get("num_classes", 0))
+
+
+def _check_labels(config, splits) -> None:
+    """A class-conditional config needs the data's labels in 0..model.num_classes − 1."""
+    k = _num_classes(config)
+    if k and splits.train_labels.size and not 0 <= int(splits.train_labels.min()) <= int(splits.train_labels.max()) < k:
+        raise ConfigError(f"config.model.num_classes = {k}, but the training labels of {config.data.name} run "
+                          f"{int(splits.train_labels.min())}..{int(splits.train_labels.max())}: set it to the number of classes")
 
 
 def _set_up(config, workdir: str, arrays, restore_step: Optional[int]) -> _Run:
@@ -206,6 +223,7 @@ def _set_up(config, workdir: str, arrays, restore_step: Optional[int]) -> _Run:
     batch_size = config.train.batch_size
     spe = data.steps_per_epoch(splits.train.shape[0], batch_size)
     total_steps = config.train.num_steps if config.train.num_steps > 0 else config.train.num_epochs * spe
+    _check_labels(config, splits)
     log(f"data: {d.source} {d.name} train {splits.train.shape} val {splits.val.shape} scale {d.scale} "
         f"({time.time() - t_begin:.1f}s); {spe} steps/epoch, {total_steps} steps")
 
@@ -231,7 +249,8 @@ def _set_up(config, workdir: str, arrays, restore_step: Optional[int]) -> _Run:
     if dropped:
         log(f"metrics.jsonl: dropped {dropped} row(s) after step {start} (the part of the earlier run that is being redone)")
     schedule = schedule_from_config(config)
-    iterator = data.BatchIterator(splits.train, batch_size, seed=config.seed, start_step=start,
+    train_arrays = {"image": splits.train, "label": splits.train_labels} if _num_classes(config) else splits.train
+    iterator = data.BatchIterator(train_arrays, batch_size, seed=config.seed, start_step=start,
                                   process_index=jax.process_index(), process_count=jax.process_count(),
                                   random_flip=d.get("random_flip", False))
     return _Run(config=config, workdir=workdir, splits=splits,
@@ -292,7 +311,8 @@ def _evaluate(run: _Run, state) -> Dict[str, float]:
     out = {}
     if run.splits.val.shape[0]:
         for name, params in (("val/loss", state.params), ("val/loss_ema", state.ema_params)):
-            out[name] = run.par.evaluate(params, run.schedule, run.splits.val, run.eval_key, run.batch_size)
+            out[name] = run.par.evaluate(params, run.schedule, run.splits.val, run.eval_key, run.batch_size,
+                                         labels=run.splits.val_labels if _num_classes(run.config) else None)
         run.writer.write(run.step, out)
     return out
 

@@ -2,13 +2,18 @@
 
     python -m experiments.sample --workdir runs/mnist --method eps_ddpm --num 1000
     python -m experiments.sample --workdir runs/mnist --method ddim --num_steps 50 --num 1000
+    python -m experiments.sample --workdir runs/mnist_cond --class 7 --guidance 2.0 --num 100   # class-conditional runs
+    python -m experiments.sample --workdir runs/mnist_cond --class all --num 100                # ten of each digit
 
 Restores the latest checkpoint (EMA params unless ``--params=raw``), samples in batches (one
 compiled ``lax.scan`` serves every batch) with a progress bar, and writes
 ``<out>/samples.npz`` (``samples``: (N, H, W, C) in the data's scale; ``images``: the same mapped
 to [0, 1] and clipped) and ``<out>/grid.png`` (the first 100). ``<out>`` defaults to
 ``<workdir>/samples/<tag>`` with ``ddpm_jax.runs.sampling_tag``'s name for the options
-(e.g. ``eps_ddpm``, ``eps_ddpm_posterior``, ``ddim_steps50_eta0``).
+(e.g. ``eps_ddpm``, ``eps_ddpm_posterior``, ``ddim_steps50_eta0``). A class-conditional run draws
+the classes of ``--class`` (one, a comma-separated list, or ``all``; the samples are split into
+equal blocks, one per class, and the grid shows a row of each) with guidance ``--guidance``;
+``samples.npz`` then also holds ``labels``, and the tag names the classes and w.
 
 The output directory is checked writable (with room for the file) before sampling starts, and
 both files are written to a temporary name and renamed: an interrupted run leaves the earlier
@@ -28,6 +33,29 @@ FLAGS = flags.FLAGS
 sampler_flags.define(num=1000, batch_size=250)
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_string("out", None, "Output directory (default under <workdir>/samples/).")
+flags.DEFINE_string("class", None, "Class-conditional runs: the class to draw, a comma-separated list, or 'all' "
+                    "(default: no class, i.e. unconditional samples).")
+
+
+def class_labels(spec, num: int, num_classes: int):
+    """(classes, labels (num,) int32) for ``--class``: sample i gets ``classes[i * len(classes) // num]``
+    (equal blocks in order); (None, None) without ``--class``. ValueError (one line) for a bad spec."""
+    import numpy as np
+
+    if spec is None:
+        return None, None
+    if not num_classes:
+        raise ValueError("--class: this run's model is unconditional (model.num_classes = 0)")
+    try:
+        classes = list(range(num_classes)) if spec == "all" else [int(c) for c in spec.split(",")]
+    except ValueError:
+        raise ValueError(f"--class={spec!r}: give a class, a comma-separated list, or 'all'") from None
+    bad = [c for c in classes if not 0 <= c < num_classes]
+    if bad:
+        raise ValueError(f"--class={spec!r}: class {bad[0]} is not in 0..{num_classes - 1}")
+    if num < len(classes):
+        raise ValueError(f"--num={num} is fewer than the {len(classes)} classes asked for")
+    return classes, np.asarray([classes[i * len(classes) // num] for i in range(num)], np.int32)
 
 
 def _devices(batch_size: int) -> str:
@@ -54,11 +82,16 @@ def main(argv):
 
     try:
         run, opts = sampler_flags.run_and_options()
+        classes, labels = class_labels(FLAGS["class"].value, FLAGS.num, run.num_classes)
+        if opts.get("guidance") and labels is None:
+            raise ValueError(f"--guidance={opts['guidance']:g} needs --class (the classes to draw)")
     except (ValueError, FileNotFoundError, CheckpointError) as e:
         cli.fail(str(e))
 
     method, clip = opts["method"], opts["clip_x0"] is not None
-    out = os.path.abspath(FLAGS.out or os.path.join(run.workdir, "samples", sampling_tag(opts)))
+    tag = sampling_tag(opts) + ("" if classes is None else "_class" + ("all" if FLAGS["class"].value == "all"
+                                                                         else "-".join(map(str, classes))))
+    out = os.path.abspath(FLAGS.out or os.path.join(run.workdir, "samples", tag))
     # samples and their [0, 1] copy, float32, uncompressed at worst, plus the grid: room for twice that
     need = 2 * 2 * FLAGS.num * math.prod(run.image_shape) * 4 + 2**20
     try:
@@ -71,15 +104,25 @@ def main(argv):
           f"{opts['num_steps'] or run.schedule.num_steps} steps; {FLAGS.num} samples in batches of {FLAGS.batch_size}"
           f" on {_devices(FLAGS.batch_size)}", flush=True)
     t0 = time.time()
-    compiled = one_batch.compile(jax.random.PRNGKey(0))  # one program per batch, compiled once
+    y0 = None if labels is None else labels[:FLAGS.batch_size]
+    if y0 is not None and y0.shape[0] < FLAGS.batch_size:
+        y0 = np.resize(y0, FLAGS.batch_size)
+    compiled = one_batch.compile(jax.random.PRNGKey(0), y0)  # one program per batch, compiled once
     t_compile = time.time() - t0
     t0 = time.time()
-    x = sampling.sample_in_batches(compiled, FLAGS.num, FLAGS.batch_size, jax.random.PRNGKey(FLAGS.seed))
+    x = sampling.sample_in_batches(compiled, FLAGS.num, FLAGS.batch_size, jax.random.PRNGKey(FLAGS.seed), labels=labels)
     dt = time.time() - t0
     try:
-        save_samples(os.path.join(out, "samples.npz"), np.asarray(x), scale=run.data_scale)
-        images = np.asarray(data.unscale_images(x[:100], run.data_scale))
-        plots.save_image_grid(images, os.path.join(out, "grid.png"), title=f"{method}, step {run.step}")
+        save_samples(os.path.join(out, "samples.npz"), np.asarray(x), scale=run.data_scale, labels=labels)
+        title = f"{method}, step {run.step}"
+        if classes is None:
+            images, ncol = x[:100], 0
+        else:  # a row per class (up to 10 of each)
+            images = np.concatenate([x[labels == c][:10] for c in classes])
+            ncol = min(10, int(np.min([np.sum(labels == c) for c in classes])))
+            title += f", classes {FLAGS['class'].value}, guidance {opts['guidance']:g}"
+        plots.save_image_grid(np.asarray(data.unscale_images(images, run.data_scale)), os.path.join(out, "grid.png"),
+                              ncol=ncol, title=title)
     except OSError as e:
         cli.fail(os_error_line(e), cli.EXIT_WRITE_FAILED)
     print(f"{FLAGS.num} samples in {dt:.1f}s ({FLAGS.num / dt:.1f} images/s; compile {t_compile:.1f}s) -> "

@@ -11,7 +11,7 @@ FLAGS = flags.FLAGS
 
 def define(*, num: int, batch_size: int, min_num: int = 1) -> None:
     """Registers --workdir, --step, --method, --num, --batch_size, --num_steps, --eta, --grid,
-    --s_churn / --s_tmin / --s_tmax / --s_noise, --ddpm_variance, --clip_x0, --params, --cpu_devices
+    --s_churn / --s_tmin / --s_tmax / --s_noise, --ddpm_variance, --clip_x0, --params, --guidance, --cpu_devices
     (defaults for --num and --batch_size given here)."""
     flags.DEFINE_string("workdir", None, "A run directory written by experiments.train.")
     flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
@@ -30,6 +30,8 @@ def define(*, num: int, batch_size: int, min_num: int = 1) -> None:
     flags.DEFINE_enum("ddpm_variance", None, ["posterior", "beta"], "eps_ddpm noise variance (default: the run's config).")
     flags.DEFINE_bool("clip_x0", None, "Clip x̂_0 to the data range each step (default: the run's config.sampling.clip_x0).")
     flags.DEFINE_enum("params", "ema", ["ema", "raw"], "Which params to sample with.")
+    flags.DEFINE_float("guidance", None, "Class-conditional runs: classifier-free guidance w >= 0, sampling with "
+                       "(1 + w) f(x, t, c) - w f(x, t, no class) (default: the run's config.sampling.guidance, else 0).")
     flags.DEFINE_integer("cpu_devices", 0, "CPU only: JAX devices to split each batch over; 0 = one per core (the "
                          "largest count <= the cores that divides --batch_size). No effect on GPU/TPU.", lower_bound=0)
     cli.define_platform_flag()
@@ -55,5 +57,5 @@ def run_and_options():
     run = load_run(FLAGS.workdir, FLAGS.step)
     opts = run.sampler_options(FLAGS.method, num_steps=FLAGS.num_steps, eta=FLAGS.eta, ddpm_variance=FLAGS.ddpm_variance,
                                clip_x0=FLAGS.clip_x0, grid=FLAGS.grid, s_churn=FLAGS.s_churn, s_tmin=FLAGS.s_tmin,
-                               s_tmax=FLAGS.s_tmax, s_noise=FLAGS.s_noise)
+                               s_tmax=FLAGS.s_tmax, s_noise=FLAGS.s_noise, guidance=FLAGS.guidance)
     return run, opts

@@ -67,7 +67,7 @@ PRESETS = {
 def make_model(preset_or_channels: Union[str, Sequence[int]], *, image_shape: Sequence[int],
                rho_head: bool = False, embed_dim: int = 256, num_groups: int = 4,
                fourier_scale: float = 30.0, dtype: Any = jnp.float32, conv_impl: str = "xla",
-               fused_norm: bool = True) -> ScoreNet:
+               fused_norm: bool = True, num_classes: int = 0) -> ScoreNet:
     """Builds a ``ScoreNet`` from a preset name ('small' | 'medium' | 'large') or 4 widths.
 
     ``conv_impl`` picks how the strided, transposed and output convolutions are computed
@@ -89,7 +89,8 @@ def make_model(preset_or_channels: Union[str, Sequence[int]], *, image_shape: Se
     check_image_shape(image_shape)
     model = ScoreNet(channels=tuple(int(c) for c in channels), embed_dim=embed_dim,
                      num_groups=num_groups, fourier_scale=fourier_scale, out_channels=None,
-                     rho_head=rho_head, dtype=dtype, conv_impl=conv_impl, fused_norm=fused_norm)
+                     rho_head=rho_head, dtype=dtype, conv_impl=conv_impl, fused_norm=fused_norm,
+                     num_classes=int(num_classes))
     x = jax.ShapeDtypeStruct((1, *tuple(int(d) for d in image_shape)), jnp.float32)
     t = jax.ShapeDtypeStruct((1,), jnp.float32)
     jax.eval_shape(model.init, jax.random.PRNGKey(0), x, t)
@@ -102,7 +103,7 @@ def _as_tuple(v) -> Tuple:
 
 def make_ddpm_unet(*, image_shape: Sequence[int], ch: int = 128, ch_mult: Sequence[int] = (1, 2, 2, 2),
                    num_res_blocks: int = 2, attn_resolutions: Sequence[int] = (16,), dropout: float = 0.1,
-                   num_groups: int = 32, dtype: Any = jnp.float32) -> DDPMUNet:
+                   num_groups: int = 32, dtype: Any = jnp.float32, num_classes: int = 0) -> DDPMUNet:
     """Builds a ``DDPMUNet`` (Ho et al. 2020) for images of shape ``image_shape = (H, W, C)``; the
     output has ``C`` channels. The defaults are the paper's CIFAR-10 network (35,746,307 params at
     32×32×3); ``dtype`` is the compute dtype (params stay float32). Validated like :func:`make_model`
@@ -114,7 +115,7 @@ def make_ddpm_unet(*, image_shape: Sequence[int], ch: int = 128, ch_mult: Sequen
     check_unet_image_shape(image_shape, ch_mult)
     model = DDPMUNet(ch=int(ch), ch_mult=tuple(int(m) for m in ch_mult), num_res_blocks=int(num_res_blocks),
                      attn_resolutions=tuple(int(r) for r in attn_resolutions), dropout=float(dropout),
-                     num_groups=int(num_groups), dtype=dtype)
+                     num_groups=int(num_groups), dtype=dtype, num_classes=int(num_classes))
     x = jax.ShapeDtypeStruct((1, *tuple(int(d) for d in image_shape)), jnp.float32)
     t = jax.ShapeDtypeStruct((1,), jnp.float32)
     jax.eval_shape(model.init, jax.random.PRNGKey(0), x, t)
@@ -139,7 +140,8 @@ def model_from_config(model_config, image_shape: Sequence[int], profile=None):
     platform profile's, ``ddpm_jax.platform_profile``), and the profile's choice of fused or stock
     GroupNorm. 'unet': :func:`make_ddpm_unet` with ``ch``, ``ch_mult``, ``num_res_blocks``,
     ``attn_resolutions``, ``dropout``, ``num_groups`` (stock layers on every platform). Either
-    family computes in ``dtype`` ('float32', absent, or 'bfloat16'; params stay float32). ``profile``:
+    family computes in ``dtype`` ('float32', absent, or 'bfloat16'; params stay float32) and is
+    class-conditional with ``num_classes`` > 0 (absent: 0, unconditional). ``profile``:
     a :class:`ddpm_jax.platform_profile.Profile` (default: this process's). Validated before
     anything is compiled: ``ValueError``, one line.
     """
@@ -148,19 +150,20 @@ def model_from_config(model_config, image_shape: Sequence[int], profile=None):
     profile = profile or platform_profile.current()
     conv_impl = model_config.get("conv_impl", "auto")
     dtype = jnp.dtype(model_config.get("dtype", "float32"))
+    num_classes = model_config.get("num_classes", 0)
     conv_impl = profile.conv_impl if conv_impl == "auto" else conv_impl
     name = model_name(model_config)
     m = model_config
     if name == "scorenet":
         return make_model(m["preset"], image_shape=image_shape, rho_head=m["rho_head"], embed_dim=m["embed_dim"],
                           num_groups=m["num_groups"], fourier_scale=m["fourier_scale"],
-                          conv_impl=conv_impl, fused_norm=profile.fused_group_norm, dtype=dtype)
+                          conv_impl=conv_impl, fused_norm=profile.fused_group_norm, dtype=dtype, num_classes=num_classes)
     if name == "unet":
         if m.get("rho_head", False):
             raise ValueError("model.rho_head = True: the ρ-head is a ScoreNet option (model.name='scorenet')")
         return make_ddpm_unet(image_shape=image_shape, ch=m["ch"], ch_mult=m["ch_mult"],
                               num_res_blocks=m["num_res_blocks"], attn_resolutions=m["attn_resolutions"],
-                              dropout=m["dropout"], num_groups=m["num_groups"], dtype=dtype)
+                              dropout=m["dropout"], num_groups=m["num_groups"], dtype=dtype, num_classes=num_classes)
     raise ValueError(f"unknown model.name {name!r}; choose one of {list(MODEL_NAMES)}")
 
 
@@ -169,6 +172,11 @@ def describe_model(model_config) -> str:
     rho_head=False`` or ``DDPMUNet ch=128 ch_mult=(1, 2, 2, 2) num_res_blocks=2
     attn_resolutions=(16,) dropout=0.1 num_groups=32``."""
     m = model_config
+    k = m.get("num_classes", 0)
+    return _describe(m) + (f" num_classes={k}" if k else "")
+
+
+def _describe(m) -> str:
     if model_name(m) == "unet":
         return (f"DDPMUNet ch={m['ch']} ch_mult={tuple(m['ch_mult'])} num_res_blocks={m['num_res_blocks']} "
                 f"attn_resolutions={tuple(m['attn_resolutions'])} dropout={m['dropout']} num_groups={m['num_groups']}")
@@ -255,28 +263,34 @@ def make_model_fn(apply_fn, params, *, time_input: str = "index", num_steps: int
         from its own key, so it does not depend on how a batch is split over devices. Ignored
         for a network without a training mode (:func:`takes_train` false: ``ScoreNet``).
 
-    Returns: ``model_fn(x (B, H, W, C), t (B,) int) -> (B, H, W, C)``.
+    Returns: ``model_fn(x (B, H, W, C), t (B,) int, y=None) -> (B, H, W, C)``; ``y`` ``(B,)`` int
+    labels for a class-conditional network (−1: no class, :mod:`ddpm_jax.guidance`).
     """
     if time_input not in TIME_INPUTS:
         raise ValueError(f"unknown time_input {time_input!r}; expected one of {TIME_INPUTS}")
     scale = 1.0 / num_steps if time_input == "fraction" else 1.0
     variables = {"params": params}
 
+    def labels(y):  # unconditional networks are called as before, without the argument
+        return {} if y is None else {"y": y}
+
     if dropout_key is None or not takes_train(apply_fn):
-        def model_fn(x, t):
-            return apply_fn(variables, x, jnp.asarray(t, jnp.float32) * scale)
+        def model_fn(x, t, y=None):
+            return apply_fn(variables, x, jnp.asarray(t, jnp.float32) * scale, **labels(y))
         return model_fn
 
     from ddpm_jax import rng  # noqa: PLC0415  (ddpm_jax.rng imports nothing of this package)
 
-    def one(x, t, key):
-        return apply_fn(variables, x, t, train=True, rngs={"dropout": key})
+    def one(x, t, key, y):
+        return apply_fn(variables, x, t, train=True, rngs={"dropout": key}, **labels(y))
 
-    def model_fn(x, t):
+    def model_fn(x, t, y=None):
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32) * scale, x.shape[:1])
         if not rng.is_key_batch(dropout_key):
-            return one(x, t, dropout_key)
+            return one(x, t, dropout_key, y)
         # each example on its own, with its own key (vmap batches the network back together)
-        return jax.vmap(lambda xi, ti, ki: one(xi[None], ti[None], ki)[0])(x, t, dropout_key)
+        if y is None:
+            return jax.vmap(lambda xi, ti, ki: one(xi[None], ti[None], ki, None)[0])(x, t, dropout_key)
+        return jax.vmap(lambda xi, ti, ki, yi: one(xi[None], ti[None], ki, yi[None])[0])(x, t, dropout_key, y)
 
     return model_fn

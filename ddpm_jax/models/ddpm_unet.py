@@ -43,6 +43,8 @@ from typing import Any, Optional, Sequence, Tuple
 import flax.linen as nn
 import jax.numpy as jnp
 
+from ddpm_jax.models.class_embed import add_class_embedding
+
 __all__ = [
     "DDPMUNet",
     "ResnetBlock",
@@ -186,8 +188,11 @@ class DDPMUNet(nn.Module):
       num_groups: GroupNorm groups; divides ``ch`` and every ``ch·ch_mult[i]``.
       out_channels: output channels; ``None`` = the input's.
       dtype: compute dtype of the layers (params stay float32; the output is float32).
+      num_classes: K > 0: class-conditional, a learned embedding of the label ``y`` (−1: no class)
+        added to the time embedding (``models/class_embed.py``); 0: unconditional.
 
-    Call: ``x`` ``(B, H, W, C)`` float, ``t`` ``(B,)`` or a scalar (used as given), ``train`` bool
+    Call: ``x`` ``(B, H, W, C)`` float, ``t`` ``(B,)`` or a scalar (used as given), ``y`` ``(B,)``
+    int labels (conditional networks only; None = no class), ``train`` bool
     → ``(B, H, W, out_channels)`` float32. With ``train=True`` and ``dropout > 0`` pass
     ``rngs={'dropout': key}``. Bad settings or sizes raise ``ValueError`` at init/trace time.
     """
@@ -200,9 +205,10 @@ class DDPMUNet(nn.Module):
     num_groups: int = 32
     out_channels: Optional[int] = None
     dtype: Any = jnp.float32
+    num_classes: int = 0
 
     @nn.compact
-    def __call__(self, x, t, train: bool = False):
+    def __call__(self, x, t, y=None, train: bool = False):
         if x.ndim != 4:
             raise ValueError(f"DDPMUNet: x must be (B, H, W, C), got shape {x.shape}")
         check_unet_config(self.ch, self.ch_mult, self.num_res_blocks, self.attn_resolutions,
@@ -225,6 +231,7 @@ class DDPMUNet(nn.Module):
         temb = timestep_embedding(t, self.ch)
         temb = _dense(4 * self.ch, "temb_dense0", dtype=dt)(temb)
         temb = _dense(4 * self.ch, "temb_dense1", dtype=dt)(nn.swish(temb))
+        temb = add_class_embedding(temb, y, self.num_classes, dt)
 
         hs = [_conv(self.ch, "conv_in", dtype=dt)(x.astype(jnp.float32))]
         for i in range(levels):

@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from ddpm_jax.models import conv_ops
+from ddpm_jax.models.class_embed import add_class_embedding
 from ddpm_jax.models.group_norm import GroupNormSwish
 
 __all__ = [
@@ -268,9 +269,11 @@ class ScoreNet(nn.Module):
         transposed and output convolutions are computed; the parameters are the same either way.
       fused_norm: swish(GN(h + b)) as one fused block (``GroupNormSwish``, the CPU profile's) or
         as stock ``nn.GroupNorm`` then swish; the same parameters and numbers up to rounding.
+      num_classes: K > 0: class-conditional, a learned embedding of the label ``y`` (−1: no class)
+        added to the time embedding (``models/class_embed.py``); 0: unconditional.
 
     Call: ``x`` ``(B, H, W, C)`` float, ``t`` ``(B,)`` (or a scalar, broadcast) ints or floats used
-    as given → ``(B, H, W, out_channels)`` float32. Unusable shapes or widths raise ``ValueError``
+    as given, ``y`` ``(B,)`` int labels (conditional networks only; None = no class) → ``(B, H, W, out_channels)`` float32. Unusable shapes or widths raise ``ValueError``
     at init/trace time (see ``check_config``, ``check_image_shape``).
     """
 
@@ -283,6 +286,7 @@ class ScoreNet(nn.Module):
     dtype: Any = jnp.float32
     conv_impl: str = "xla"
     fused_norm: bool = True
+    num_classes: int = 0
 
     def _dense(self, features: int, fan_in: int, name: str):
         init = torch_uniform_init(fan_in)
@@ -306,7 +310,7 @@ class ScoreNet(nn.Module):
         return lambda h, tb: nn.swish(norm(h + tb[:, None, None, :].astype(h.dtype)))
 
     @nn.compact
-    def __call__(self, x, t):
+    def __call__(self, x, t, y=None):
         if x.ndim != 4:
             raise ValueError(f"ScoreNet: x must be (B, H, W, C), got shape {x.shape}")
         check_config(self.channels, self.embed_dim, self.num_groups)
@@ -332,7 +336,7 @@ class ScoreNet(nn.Module):
 
         # Time embedding: (B,) -> (B, E).
         feats = GaussianFourierFeatures(E, self.fourier_scale, name="time_features")(t)
-        emb = act(self._dense(E, E, "time_embed")(feats))
+        emb = add_class_embedding(act(self._dense(E, E, "time_embed")(feats)), y, self.num_classes, self.dtype)
 
         def tbias(features, name):  # (B, E) -> (B, features)
             return self._dense(features, E, name)(emb)
