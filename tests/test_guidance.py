@@ -162,3 +162,40 @@ def test_a_conditional_run_trains_and_draws_the_asked_classes(tmp_path, idx_dir)
     bad = subprocess.run([sys.executable, "-m", "experiments.sample", "--workdir", str(plain), "--class", "1",
                           "--num", "4"], cwd=REPO, capture_output=True, text=True, env=cpu_env(), timeout=600)
     assert bad.returncode != 0 and "unconditional" in bad.stderr
+
+
+def test_guidance_study_scores_each_w_and_resumes(tmp_path):
+    """experiments.study_guidance on a tiny two-class 28x28 run: a row per w with the classifier's
+    accuracy (a fraction), per-class FIDs beside their floors, the overall report, the plot and a
+    grid per w; a rerun with one more w samples only that one; an unconditional run is refused."""
+    import json
+
+    from helpers import run_module
+
+    idx = write_dir(tmp_path / "idx", make_digits_like(n_train=64, n_test=32, size=28), STD_NAMES, ".gz")
+    work = tmp_path / "cond"
+    train = run_module("experiments.train", *cli_args(idx, work, 2, model__num_classes=2, train__label_dropout=0.5,
+                                                      train__sample_every_epochs=0, train__eval_every_epochs=0))
+    assert train.returncode == 0, train.stderr[-3000:]
+    out_dir = tmp_path / "eval"
+    study = run_module("experiments.study_guidance", "--workdir", work, "--num", 8, "--batch_size", 8,
+                       "--guidance", "0,1", "--out_dir", out_dir)
+    assert study.returncode == 0, study.stderr[-3000:]
+    out = json.load(open(out_dir / "guidance_n8.json"))
+    assert [r["guidance"] for r in out["rows"]] == [0.0, 1.0]
+    for r in out["rows"]:
+        assert 0.0 <= r["accuracy"] <= 1.0 and sorted(r["classes"]) == ["0", "1"]
+        for c in r["classes"].values():
+            assert c["n"] == 4 and c["fid_classifier"] >= 0 and c["floor_train_vs_test"] >= 0
+        assert r["report"]["num_samples"] == 8 and "div_real" in r["report"]["sample_quality"]
+    for name in ("guidance_n8.png", "guidance_grid_w0.png", "guidance_grid_w1.png"):
+        assert os.path.getsize(out_dir / name) > 0
+    again = run_module("experiments.study_guidance", "--workdir", work, "--num", 8, "--batch_size", 8,
+                       "--guidance", "1,2", "--out_dir", out_dir)
+    assert again.returncode == 0, again.stderr[-3000:]
+    rows = json.load(open(out_dir / "guidance_n8.json"))["rows"]
+    assert rows[:2] == out["rows"] and [r["guidance"] for r in rows] == [0.0, 1.0, 2.0]
+    plain = tmp_path / "plain"
+    assert run_module("experiments.train", *cli_args(idx, plain, 1, train__sample_every_epochs=0)).returncode == 0
+    bad = run_module("experiments.study_guidance", "--workdir", plain, "--num", 8, "--out_dir", tmp_path / "e2")
+    assert bad.returncode == 2 and "unconditional model" in bad.stderr
