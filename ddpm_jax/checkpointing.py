@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import shutil
+import time
 import sys
 import threading
 from typing import Any, Dict, Optional, Tuple
@@ -240,7 +241,13 @@ def remove_partial_checkpoints(checkpoint_dir: str) -> list:
         return []
     removed = [os.path.join(checkpoint_dir, n) for n in os.listdir(checkpoint_dir) if PARTIAL_SUFFIX in n]
     for path in removed:
-        shutil.rmtree(path, ignore_errors=True)
+        # A failed save's last writes (TensorStore's threads) can still land while the tree is
+        # removed, leaving it non-empty: try again for up to ~2 s.
+        for _ in range(20):
+            shutil.rmtree(path, ignore_errors=True)
+            if not os.path.exists(path):
+                break
+            time.sleep(0.1)
     return removed
 
 

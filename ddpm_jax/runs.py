@@ -122,7 +122,7 @@ class Run:
     def make_sampler(self, batch_size: int, options: dict, *, ema: bool = True, return_trajectory: bool = False):
         """``fn(key) -> samples (batch_size, H, W, C)`` (and the trajectory if asked); for a
         class-conditional run ``fn(key, labels)`` with labels ``(batch_size,)`` int (−1: no class) and
-        ``options['guidance']``. One compiled ``lax.scan`` serves every batch, with the params passed
+        ``options['guidance']`` (without labels it draws from the "no class" model, unguided). One compiled ``lax.scan`` serves every batch, with the params passed
         in (not compiled in as constants); ``fn.compile(key[, labels])`` compiles it ahead of use. The samples are split over this process's
         devices when ``batch_size`` divides evenly (:func:`ddpm_jax.data.batch_sharding`); the
         noise does not depend on the split (JAX's partitionable threefry), so neither do the samples."""
@@ -132,8 +132,11 @@ class Run:
 
         def fn(params, key, labels=None):
             model_fn = make_model_fn(self.model.apply, params, time_input=cfg.time_input, num_steps=self.schedule.num_steps)
+            opts = dict(options)
+            if labels is None:  # no class asked for: the "no class" model, unguided
+                opts.pop("guidance", None)
             return sampling.sample(model_fn, self.schedule, shape, key, return_trajectory=return_trajectory, labels=labels,
-                                   **options)
+                                   **opts)
 
         params = self.ema_params if ema else self.params
         if sharding is not None:  # replicated on the devices the samples are split over

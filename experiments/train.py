@@ -10,6 +10,7 @@ and TPU VMs) or with ``--coordinator_address=HOST:PORT --num_processes=N --proce
 processes need the same command and a shared ``--workdir``. See README.md.
 """
 
+import warnings
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -74,6 +75,9 @@ def main(argv):
     except NonFiniteError as e:
         cli.fail(str(e), cli.EXIT_NONFINITE)
     except OSError as e:  # full disk, read-only filesystem, permissions
+        # A checkpoint write cut short by the same error can leave TensorStore coroutines that
+        # Python reports as never awaited when it exits: the one line below already says why.
+        warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
         cli.fail(os_error_line(e), cli.EXIT_WRITE_FAILED)
 
 

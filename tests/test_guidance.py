@@ -199,3 +199,24 @@ def test_guidance_study_scores_each_w_and_resumes(tmp_path):
     assert run_module("experiments.train", *cli_args(idx, plain, 1, train__sample_every_epochs=0)).returncode == 0
     bad = run_module("experiments.study_guidance", "--workdir", plain, "--num", 8, "--out_dir", tmp_path / "e2")
     assert bad.returncode == 2 and "unconditional model" in bad.stderr
+
+
+def test_a_conditional_runs_sampler_without_labels_draws_unguided_no_class_samples(tmp_path):
+    """evaluate / score_checkpoints call a run's sampler without labels: on a conditional run with
+    a config guidance it then draws from the "no class" row, unguided, not an error."""
+    from ddpm_jax.runs import load_run
+    from ddpm_jax.trainer import train_and_evaluate
+    from helpers import tiny_config
+
+    arrays = {k: (v[..., None] if k.endswith("images") else v.astype(np.int32)) for k, v in make_digits_like().items()}
+    config = tiny_config("eps", **{"train.num_steps": 2, "model.num_classes": 2, "sampling.guidance": 2.0,
+                                   "train.sample_every_epochs": 0})
+    train_and_evaluate(config, str(tmp_path), arrays=arrays, progress=False)
+    run = load_run(str(tmp_path))
+    opts = run.sampler_options()
+    assert opts["guidance"] == 2.0
+    key = jax.random.PRNGKey(0)
+    plain = np.asarray(run.make_sampler(4, opts)(key))
+    no_class = np.asarray(run.make_sampler(4, opts)(key, jnp.full((4,), guidance.NO_CLASS)))
+    # guided no-class: (1 + w) f(∅) − w f(∅) = f(∅) up to float rounding of the combination
+    np.testing.assert_allclose(plain, no_class, rtol=1e-4, atol=1e-4)
