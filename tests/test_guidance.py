@@ -132,17 +132,36 @@ def idx_dir(tmp_path_factory):
     return write_dir(tmp_path_factory.mktemp("idx"), make_digits_like(), STD_NAMES, ".gz")
 
 
-def test_a_conditional_run_trains_and_draws_the_asked_classes(tmp_path, idx_dir):
+def _train_cli(idx_dir, workdir, steps, **overrides):
+    res = subprocess.run([sys.executable, "-m", "experiments.train", *cli_args(idx_dir, workdir, steps, **overrides)],
+                         cwd=REPO, capture_output=True, text=True, env=cpu_env(), timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+@pytest.fixture(scope="module")
+def cond_run(tmp_path_factory, idx_dir):
+    """A 10-class run through experiments.train (label dropout 0.2, config guidance 1.0): (workdir, stdout)."""
+    work = tmp_path_factory.mktemp("cond") / "run"
+    res = _train_cli(idx_dir, work, 4, model__num_classes=10, train__label_dropout=0.2, sampling__guidance=1.0,
+                     train__eval_every_epochs=1)
+    return work, res.stdout
+
+
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory, idx_dir):
+    """An unconditional run of 2 steps."""
+    work = tmp_path_factory.mktemp("plain") / "run"
+    _train_cli(idx_dir, work, 2, train__sample_every_epochs=0)
+    return work
+
+
+def test_a_conditional_run_trains_and_draws_the_asked_classes(tmp_path, cond_run, plain_run):
     """model.num_classes = 10 with label dropout through experiments.train, then
     experiments.sample --class 3,7 --guidance 1.5: the samples carry the asked labels in two
     equal blocks and the grid is written; an unconditional run refuses --class."""
-    work = tmp_path / "cond"
-    args = cli_args(idx_dir, work, 4, model__num_classes=10, train__label_dropout=0.2, sampling__guidance=1.0,
-                    train__eval_every_epochs=1)
-    res = subprocess.run([sys.executable, "-m", "experiments.train", *args], cwd=REPO, capture_output=True, text=True,
-                         env=cpu_env(), timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "num_classes=10" in res.stdout and "done: step 4" in res.stdout
+    work, stdout = cond_run
+    assert "num_classes=10" in stdout and "done: step 4" in stdout
     out = tmp_path / "samples"
     res = subprocess.run([sys.executable, "-m", "experiments.sample", "--workdir", str(work), "--class", "3,7",
                           "--guidance", "1.5", "--num", "8", "--batch_size", "4", "--out", str(out)],
@@ -155,16 +174,12 @@ def test_a_conditional_run_trains_and_draws_the_asked_classes(tmp_path, idx_dir)
     bad = subprocess.run([sys.executable, "-m", "experiments.sample", "--workdir", str(work), "--class", "12",
                           "--num", "4"], cwd=REPO, capture_output=True, text=True, env=cpu_env(), timeout=600)
     assert bad.returncode != 0 and "class 12 is not in 0..9" in bad.stderr
-    plain = tmp_path / "plain"
-    res = subprocess.run([sys.executable, "-m", "experiments.train", *cli_args(idx_dir, plain, 2)], cwd=REPO,
-                         capture_output=True, text=True, env=cpu_env(), timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    bad = subprocess.run([sys.executable, "-m", "experiments.sample", "--workdir", str(plain), "--class", "1",
+    bad = subprocess.run([sys.executable, "-m", "experiments.sample", "--workdir", str(plain_run), "--class", "1",
                           "--num", "4"], cwd=REPO, capture_output=True, text=True, env=cpu_env(), timeout=600)
     assert bad.returncode != 0 and "unconditional" in bad.stderr
 
 
-def test_guidance_study_scores_each_w_and_resumes(tmp_path):
+def test_guidance_study_scores_each_w_and_resumes(tmp_path, plain_run):
     """experiments.study_guidance on a tiny two-class 28x28 run: a row per w with the classifier's
     accuracy (a fraction), per-class FIDs beside their floors, the overall report, the plot and a
     grid per w; a rerun with one more w samples only that one; an unconditional run is refused."""
@@ -195,26 +210,18 @@ def test_guidance_study_scores_each_w_and_resumes(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     rows = json.load(open(out_dir / "guidance_n8.json"))["rows"]
     assert rows[:2] == out["rows"] and [r["guidance"] for r in rows] == [0.0, 1.0, 2.0]
-    plain = tmp_path / "plain"
-    assert run_module("experiments.train", *cli_args(idx, plain, 1, train__sample_every_epochs=0)).returncode == 0
-    bad = run_module("experiments.study_guidance", "--workdir", plain, "--num", 8, "--out_dir", tmp_path / "e2")
+    bad = run_module("experiments.study_guidance", "--workdir", plain_run, "--num", 8, "--out_dir", tmp_path / "e2")
     assert bad.returncode == 2 and "unconditional model" in bad.stderr
 
 
-def test_a_conditional_runs_sampler_without_labels_draws_unguided_no_class_samples(tmp_path):
+def test_a_conditional_runs_sampler_without_labels_draws_unguided_no_class_samples(cond_run):
     """evaluate / score_checkpoints call a run's sampler without labels: on a conditional run with
     a config guidance it then draws from the "no class" row, unguided, not an error."""
     from ddpm_jax.runs import load_run
-    from ddpm_jax.trainer import train_and_evaluate
-    from helpers import tiny_config
 
-    arrays = {k: (v[..., None] if k.endswith("images") else v.astype(np.int32)) for k, v in make_digits_like().items()}
-    config = tiny_config("eps", **{"train.num_steps": 2, "model.num_classes": 2, "sampling.guidance": 2.0,
-                                   "train.sample_every_epochs": 0})
-    train_and_evaluate(config, str(tmp_path), arrays=arrays, progress=False)
-    run = load_run(str(tmp_path))
+    run = load_run(str(cond_run[0]))
     opts = run.sampler_options()
-    assert opts["guidance"] == 2.0
+    assert opts["guidance"] == 1.0
     key = jax.random.PRNGKey(0)
     plain = np.asarray(run.make_sampler(4, opts)(key))
     no_class = np.asarray(run.make_sampler(4, opts)(key, jnp.full((4,), guidance.NO_CLASS)))
