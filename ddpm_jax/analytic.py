@@ -58,16 +58,7 @@ def gaussian_data_denoiser(schedule: Schedule, mean, std, parameterisation: str 
 
     def model_fn(x_t, t):
         x0_hat, _ = gaussian_posterior_x0(schedule, mean, std, x_t, t)
-        if parameterisation == "x0":
-            return x0_hat * jnp.ones_like(x_t)
-        if parameterisation == "mean":
-            return diffusion.mean_from_x0(schedule, x_t, t, x0_hat)
-        eps_hat = diffusion.predict_eps_from_x0(schedule, x_t, t, x0_hat)
-        if parameterisation == "eps":
-            return eps_hat
-        if parameterisation == "v":
-            return diffusion.predict_v(schedule, x0_hat, t, eps_hat)
-        raise ValueError(f"unknown parameterisation {parameterisation!r}; expected one of {diffusion.PARAMETERISATIONS}")
+        return _from_x0(schedule, x_t, t, x0_hat, parameterisation)
 
     return model_fn
 
