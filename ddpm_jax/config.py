@@ -10,7 +10,7 @@ import numbers
 
 from ddpm_jax import data, objectives, sampling, schedules
 
-__all__ = ["ConfigError", "validate_config", "schedule_from_config", "lookup", "REQUIRED_KEYS", "DTYPES"]
+__all__ = ["ConfigError", "validate_config", "schedule_from_config", "sampler_options_from_config", "lookup", "REQUIRED_KEYS", "DTYPES"]
 
 #: Keys the rest of the project relies on.
 REQUIRED_KEYS = (
@@ -106,6 +106,22 @@ def schedule_from_config(config) -> "schedules.Schedule":
     name = _get(config, "schedule.name")
     settings = {k: v for k, v in section.items() if k not in ("name", "num_steps")}
     return schedules.make_schedule(name, _get(config, "schedule.num_steps"), **schedules.schedule_kwargs(name, settings))
+
+
+def sampler_options_from_config(config) -> dict:
+    """The config's sampler as keyword arguments of :func:`ddpm_jax.sampling.sample`: ``method``,
+    ``num_steps`` (None: every step), ``eta``, ``ddpm_variance``, ``parameterisation`` (what the
+    objective predicts), ``clip_x0`` (the data range, or None), ``grid`` when set, and ``guidance``
+    (w) for a class-conditional model (``model.num_classes > 0``)."""
+    s = config.sampling
+    opts = {"method": s.method, "num_steps": s.get("num_steps", 0) or None, "eta": s.get("eta", 0.0),
+            "ddpm_variance": s.ddpm_variance, "parameterisation": objectives.PREDICTS[config.objective.name],
+            "clip_x0": data.data_range(config.data.scale) if s.get("clip_x0", False) else None}
+    if s.get("grid", ""):
+        opts["grid"] = s.grid
+    if config.model.get("num_classes", 0):
+        opts["guidance"] = float(s.get("guidance", 0.0))
+    return opts
 
 
 def validate_config(config) -> None:

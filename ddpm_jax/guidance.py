@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from ddpm_jax import rng
 
-__all__ = ["NO_CLASS", "LABEL_STREAM", "drop_labels", "guided_model_fn", "guide"]
+__all__ = ["NO_CLASS", "LABEL_STREAM", "drop_labels", "with_labels", "guided_model_fn", "guide"]
 
 #: The label that means "no class" (the unconditional model).
 NO_CLASS = -1
@@ -46,6 +46,14 @@ def guide(conditional, unconditional, guidance):
     return (1.0 + guidance) * conditional - guidance * unconditional
 
 
+def with_labels(model_fn: Callable, labels) -> Callable:
+    """``(x_t, t) -> model_fn(x_t, t, labels)`` for a conditional ``model_fn``; ``model_fn`` itself
+    when ``labels`` is None (an unconditional network)."""
+    if labels is None:
+        return model_fn
+    return lambda x_t, t: model_fn(x_t, t, labels)
+
+
 def guided_model_fn(model_fn: Callable, labels, guidance: float = 0.0) -> Callable:
     """The ``(x_t, t) -> prediction`` that samplers take, from a conditional
     ``model_fn(x_t, t, y)``: ``model_fn(x_t, t, labels)`` for ``guidance = 0``, otherwise
@@ -56,7 +64,7 @@ def guided_model_fn(model_fn: Callable, labels, guidance: float = 0.0) -> Callab
     (static) or a traced scalar."""
     labels = jnp.asarray(labels, jnp.int32)
     if isinstance(guidance, (int, float)) and guidance == 0:
-        return lambda x_t, t: model_fn(x_t, t, labels)
+        return with_labels(model_fn, labels)
 
     def fn(x_t, t):
         b = x_t.shape[0]

@@ -18,7 +18,7 @@ import ml_collections
 
 from ddpm_jax import data, objectives, sampling
 from ddpm_jax.checkpointing import CheckpointError, Checkpointer, read_config_json
-from ddpm_jax.config import schedule_from_config
+from ddpm_jax.config import sampler_options_from_config, schedule_from_config
 from ddpm_jax.models import make_model_fn, model_from_config
 from ddpm_jax.schedules import Schedule
 from ddpm_jax.train_state import create_train_state, make_optimizer
@@ -78,11 +78,13 @@ class Run:
         """K for a class-conditional run (labels 0..K−1), 0 for an unconditional one."""
         return int(self.config.model.get("num_classes", 0))
 
-    def model_fn(self, ema: bool = True):
+    def model_fn(self, ema: bool = True, params=None):
         """``model_fn(x_t, t)`` (``model_fn(x_t, t, y)`` with labels for a class-conditional run)
-        with the EMA params (default) or the raw params."""
-        return make_model_fn(self.model.apply, self.ema_params if ema else self.params,
-                             time_input=self.config.model.time_input, num_steps=self.schedule.num_steps)
+        with the EMA params (default), the raw params, or ``params`` when given."""
+        if params is None:
+            params = self.ema_params if ema else self.params
+        return make_model_fn(self.model.apply, params, time_input=self.config.model.time_input,
+                             num_steps=self.schedule.num_steps)
 
     def sampler_options(self, method=None, *, num_steps=None, eta=None, ddpm_variance=None, clip_x0=None, grid=None,
                         s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0, guidance=None) -> dict:
@@ -91,15 +93,15 @@ class Run:
         ``num_steps`` / ``eta`` / ``grid`` default to ``config.sampling``'s when ``method`` is the
         config's. The step grid and Heun's churn appear in the result only when set; ``guidance`` (w,
         default the config's ``sampling.guidance``, else 0) only for a class-conditional run."""
-        s = self.config.sampling
-        if method is None or method == s.method:
-            num_steps = num_steps or s.get("num_steps", 0) or None
-            eta = s.get("eta", 0.0) if eta is None else eta
-            grid = grid or s.get("grid", "") or None
+        base = sampler_options_from_config(self.config)
+        if method is None or method == base["method"]:
+            num_steps = num_steps or base["num_steps"]
+            eta = base["eta"] if eta is None else eta
+            grid = grid or base.get("grid")
         eta = 0.0 if eta is None else eta
-        method = method or s.method
-        ddpm_variance = ddpm_variance or s.ddpm_variance
-        clip = s.get("clip_x0", False) if clip_x0 is None else clip_x0
+        method = method or base["method"]
+        ddpm_variance = ddpm_variance or base["ddpm_variance"]
+        clip = base["clip_x0"] is not None if clip_x0 is None else clip_x0
         churn = {"s_churn": s_churn, "s_tmin": s_tmin, "s_tmax": s_tmax, "s_noise": s_noise}
         sampling.check_sampler_args(method, self.schedule.num_steps, num_steps, eta, ddpm_variance, self.parameterisation,
                                     grid, **churn)
@@ -109,7 +111,7 @@ class Run:
             opts["grid"] = grid
         if s_churn:
             opts.update(churn)
-        w = s.get("guidance", 0.0) if guidance is None else guidance
+        w = base.get("guidance", 0.0) if guidance is None else guidance
         if self.num_classes:
             if not w >= 0:
                 raise ValueError(f"--guidance={w}: must be >= 0 (0 = the conditional model)")
@@ -122,16 +124,16 @@ class Run:
     def make_sampler(self, batch_size: int, options: dict, *, ema: bool = True, return_trajectory: bool = False):
         """``fn(key) -> samples (batch_size, H, W, C)`` (and the trajectory if asked); for a
         class-conditional run ``fn(key, labels)`` with labels ``(batch_size,)`` int (−1: no class) and
-        ``options['guidance']`` (without labels it draws from the "no class" model, unguided). One compiled ``lax.scan`` serves every batch, with the params passed
-        in (not compiled in as constants); ``fn.compile(key[, labels])`` compiles it ahead of use. The samples are split over this process's
-        devices when ``batch_size`` divides evenly (:func:`ddpm_jax.data.batch_sharding`); the
+        ``options['guidance']`` (without labels it draws from the "no class" model, unguided). One
+        compiled ``lax.scan`` serves every batch, with the params passed in (not compiled in as
+        constants); ``fn.compile(key[, labels])`` compiles it ahead of use. The samples are split
+        over this process's devices when ``batch_size`` divides evenly (:func:`ddpm_jax.data.batch_sharding`); the
         noise does not depend on the split (JAX's partitionable threefry), so neither do the samples."""
         shape = (batch_size,) + self.image_shape
         sharding = None if return_trajectory else data.batch_sharding(batch_size)
-        cfg = self.config.model
 
         def fn(params, key, labels=None):
-            model_fn = make_model_fn(self.model.apply, params, time_input=cfg.time_input, num_steps=self.schedule.num_steps)
+            model_fn = self.model_fn(params=params)
             opts = dict(options)
             if labels is None:  # no class asked for: the "no class" model, unguided
                 opts.pop("guidance", None)

@@ -91,8 +91,7 @@ def _loss_and_grads(cfg: StepConfig, params, schedule: Schedule, batch, step_key
     def loss(p):
         net = make_model_fn(cfg.apply_fn, p, time_input=cfg.time_input, num_steps=schedule.num_steps,
                             dropout_key=dropout_keys)
-        model_fn = (lambda x, t: net(x, t, labels)) if labels is not None else net
-        _, aux = cfg.loss_fn(model_fn, schedule, batch["image"], keys)
+        _, aux = cfg.loss_fn(guidance.with_labels(net, labels), schedule, batch["image"], keys)
         return jnp.sum(aux["per_example"] * batch["weight"])
 
     return jax.value_and_grad(loss)(params)
@@ -183,8 +182,7 @@ def eval_step(cfg: StepConfig, params, schedule: Schedule, batch, mask, key, exa
     """
     keys = rng.per_example_keys(key, example_ids)
     net = make_model_fn(cfg.apply_fn, params, time_input=cfg.time_input, num_steps=schedule.num_steps)
-    model_fn = (lambda x, t: net(x, t, labels)) if labels is not None else net
-    _, aux = cfg.loss_fn(model_fn, schedule, batch, keys)
+    _, aux = cfg.loss_fn(guidance.with_labels(net, labels), schedule, batch, keys)
     return {"loss_sum": jnp.sum(aux["per_example"] * mask), "count": jnp.sum(mask)}
 
 

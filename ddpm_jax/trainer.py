@@ -28,7 +28,7 @@ import numpy as np
 
 from ddpm_jax import data, objectives, platform_profile, plots, sampling
 from ddpm_jax.checkpointing import Checkpointer, read_config_json, remove_partial_checkpoints, write_config_json
-from ddpm_jax.config import ConfigError, schedule_from_config, validate_config
+from ddpm_jax.config import ConfigError, sampler_options_from_config, schedule_from_config, validate_config
 from ddpm_jax.files import check_writable
 from ddpm_jax.models import count_params, describe_model, make_model_fn, model_from_config
 from ddpm_jax.resume import RESUME_MUST_MATCH, check_resume_compatible, lock_workdir, log, restore
@@ -177,8 +177,7 @@ def _make_grid_sampler(config, model, image_shape, par: Parallel):
     ``train.num_grid_samples`` images (of a class-conditional model: sample i of class i mod K,
     with the config's guidance)."""
     n_grid = config.train.num_grid_samples
-    param_kind = objectives.PREDICTS[config.objective.name]
-    s = config.sampling
+    opts = sampler_options_from_config(config)
     k = _num_classes(config)
     labels = np.arange(n_grid, dtype=np.int32) % k if k else None
     # Split over this process's devices where they divide the grid, as runs.Run.make_sampler does
@@ -189,11 +188,7 @@ def _make_grid_sampler(config, model, image_shape, par: Parallel):
     @functools.partial(jax.jit, out_shardings=par.replicated if grid_split is None else grid_split)
     def sample_grid(ema_params, sched, key):
         fn = make_model_fn(model.apply, ema_params, time_input=config.model.time_input, num_steps=sched.num_steps)
-        return sampling.sample(fn, sched, (n_grid,) + image_shape, key, method=s.method,
-                               num_steps=s.get("num_steps", 0) or None, eta=s.get("eta", 0.0), grid=s.get("grid", "") or None,
-                               ddpm_variance=s.ddpm_variance, parameterisation=param_kind,
-                               clip_x0=data.data_range(config.data.scale) if s.clip_x0 else None,
-                               labels=labels, guidance=s.get("guidance", 0.0) if k else 0.0)
+        return sampling.sample(fn, sched, (n_grid,) + image_shape, key, labels=labels, **opts)
 
     return sample_grid
 

@@ -26,7 +26,7 @@ def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
 
 def define_scoring_flags(per: str) -> None:
     """The flags of the scripts that sample a run and score the samples (``score_checkpoints``,
-    ``study_samplers``): --workdir (required), --num, --batch_size, --seed, --data_source,
+    ``study_samplers``, ``study_guidance``; :func:`load_scoring_run`): --workdir (required), --num, --batch_size, --seed, --data_source,
     --data_path, --out_dir, --cpu_devices, --platform. ``per``: what one set of --num samples is for."""
     flags.DEFINE_string("workdir", None, "A run directory written by experiments.train.")
     flags.DEFINE_integer("num", 2000, f"Samples per {per}, and real images per comparison.", lower_bound=2)
@@ -39,6 +39,34 @@ def define_scoring_flags(per: str) -> None:
                          "No effect on GPU/TPU.", lower_bound=0)
     define_platform_flag()
     flags.mark_flags_as_required(["workdir"])
+
+
+def load_scoring_run(step, prepare=lambda run: None):
+    """The scoring scripts' set-up, after the platform profile: ``(workdir, out_dir, run, splits,
+    prepared)`` — room checked in ``--out_dir`` (default ``<workdir>/eval``), the run restored at
+    checkpoint ``step`` (None: the latest), ``prepared = prepare(run)`` (the script's own checks and
+    sampler options, raising ValueError on bad input), the data from the run's config or
+    --data_source/--data_path. Any failure is one line and its exit code (:func:`fail`)."""
+    import os
+
+    from ddpm_jax import data
+    from ddpm_jax.checkpointing import CheckpointError
+    from ddpm_jax.files import check_writable, os_error_line
+    from ddpm_jax.runs import load_run
+
+    f = flags.FLAGS
+    workdir = os.path.abspath(f.workdir)
+    out_dir = os.path.abspath(f.out_dir or os.path.join(workdir, "eval"))
+    try:
+        check_writable(out_dir, "--out_dir", need_bytes=2**20)
+        run = load_run(workdir, step)
+        prepared = prepare(run)
+        splits = data.splits_from_config(run.config, source=f.data_source, path=f.data_path)
+    except OSError as e:
+        fail(os_error_line(e), EXIT_WRITE_FAILED)
+    except (ValueError, FileNotFoundError, CheckpointError) as e:
+        fail(e)
+    return workdir, out_dir, run, splits, prepared
 
 
 def define_platform_flag() -> None:

@@ -83,24 +83,15 @@ def main(argv):
     import jax
     import numpy as np
 
-    from ddpm_jax import data, sampling
+    from ddpm_jax import sampling
     from ddpm_jax.checkpointing import CheckpointError
     from ddpm_jax.evaluation import evaluate_samples
-    from ddpm_jax.files import check_writable, os_error_line, write_json
+    from ddpm_jax.files import os_error_line, write_json
     from ddpm_jax.runs import load_run, sampling_tag
 
-    workdir = os.path.abspath(FLAGS.workdir)
-    steps = _steps(os.path.join(workdir, "checkpoints"))
-    out_dir = os.path.abspath(FLAGS.out_dir or os.path.join(workdir, "eval"))
-    try:
-        check_writable(out_dir, "--out_dir", need_bytes=2**20)
-        run = load_run(workdir, steps[0])
-        opts = run.sampler_options(FLAGS.method, num_steps=FLAGS.num_steps, eta=FLAGS.eta)
-        splits = data.splits_from_config(run.config, source=FLAGS.data_source, path=FLAGS.data_path)
-    except OSError as e:
-        cli.fail(os_error_line(e), cli.EXIT_WRITE_FAILED)
-    except (ValueError, FileNotFoundError, CheckpointError) as e:
-        cli.fail(e)
+    steps = _steps(os.path.join(os.path.abspath(FLAGS.workdir), "checkpoints"))
+    workdir, out_dir, run, splits, opts = cli.load_scoring_run(
+        steps[0], lambda run: run.sampler_options(FLAGS.method, num_steps=FLAGS.num_steps, eta=FLAGS.eta))
     tag = sampling_tag(opts)
     name = f"{tag}_n{FLAGS.num}" + (f"_seed{FLAGS.seed}" if FLAGS.seed else "")
     json_path = os.path.join(out_dir, f"checkpoints_{name}.json")

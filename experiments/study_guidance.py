@@ -90,30 +90,22 @@ def main(argv):
     import numpy as np
 
     from ddpm_jax import data, plots, sampling
-    from ddpm_jax.checkpointing import CheckpointError
     from ddpm_jax.evaluation import evaluate_samples
-    from ddpm_jax.files import check_writable, os_error_line, write_json
+    from ddpm_jax.files import os_error_line, write_json
     from ddpm_jax.metrics import classifier
-    from ddpm_jax.runs import load_run
 
-    workdir = os.path.abspath(FLAGS.workdir)
-    out_dir = os.path.abspath(FLAGS.out_dir or os.path.join(workdir, "eval"))
-    try:
-        check_writable(out_dir, "--out_dir", need_bytes=2**20)
-        run = load_run(workdir, FLAGS.step)
+    def prepare(run):
         k = run.num_classes
         if not k:
-            raise ValueError(f"{workdir} holds an unconditional model (model.num_classes = 0): nothing to guide")
+            raise ValueError(f"{run.workdir} holds an unconditional model (model.num_classes = 0): nothing to guide")
         if FLAGS.num % k:
             raise ValueError(f"--num={FLAGS.num} is not a multiple of the {k} classes")
         if tuple(run.image_shape) != (28, 28, 1):
             raise ValueError(f"the classifier scores 28x28x1 images; this run draws {run.image_shape}")
-        options = {w: run.sampler_options(guidance=w) for w in values}
-        splits = data.splits_from_config(run.config, source=FLAGS.data_source, path=FLAGS.data_path)
-    except OSError as e:
-        cli.fail(os_error_line(e), cli.EXIT_WRITE_FAILED)
-    except (ValueError, FileNotFoundError, CheckpointError) as e:
-        cli.fail(e)
+        return {w: run.sampler_options(guidance=w) for w in values}
+
+    workdir, out_dir, run, splits, options = cli.load_scoring_run(FLAGS.step, prepare)
+    k = run.num_classes
 
     suffix = f"n{FLAGS.num}" + (f"_seed{FLAGS.seed}" if FLAGS.seed else "")
     json_path = os.path.join(out_dir, f"guidance_{suffix}.json")

@@ -119,17 +119,11 @@ def main(argv):
     import jax
     import numpy as np
 
-    from ddpm_jax import data, sampling
-    from ddpm_jax.checkpointing import CheckpointError
+    from ddpm_jax import sampling
     from ddpm_jax.evaluation import evaluate_samples
-    from ddpm_jax.files import check_writable, os_error_line, write_json
-    from ddpm_jax.runs import load_run
+    from ddpm_jax.files import os_error_line, write_json
 
-    workdir = os.path.abspath(FLAGS.workdir)
-    out_dir = os.path.abspath(FLAGS.out_dir or os.path.join(workdir, "eval"))
-    try:
-        check_writable(out_dir, "--out_dir", need_bytes=2**20)
-        run = load_run(workdir, FLAGS.step)
+    def prepare(run):
         settings = []
         for name, method, fixed in specs:
             for budget in budgets:
@@ -138,11 +132,9 @@ def main(argv):
                 nfe = sampling.nfe(method, run.schedule.num_steps, S)
                 if (name, nfe) not in [(n, e) for n, e, _ in settings]:  # Heun: two budgets may give one S
                     settings.append((name, nfe, opts))
-        splits = data.splits_from_config(run.config, source=FLAGS.data_source, path=FLAGS.data_path)
-    except OSError as e:
-        cli.fail(os_error_line(e), cli.EXIT_WRITE_FAILED)
-    except (ValueError, FileNotFoundError, CheckpointError) as e:
-        cli.fail(e)
+        return settings
+
+    workdir, out_dir, run, splits, settings = cli.load_scoring_run(FLAGS.step, prepare)
 
     suffix = f"n{FLAGS.num}" + (f"_seed{FLAGS.seed}" if FLAGS.seed else "")
     json_path = os.path.join(out_dir, f"samplers_{suffix}.json")

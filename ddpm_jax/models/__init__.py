@@ -289,8 +289,8 @@ def make_model_fn(apply_fn, params, *, time_input: str = "index", num_steps: int
         if not rng.is_key_batch(dropout_key):
             return one(x, t, dropout_key, y)
         # each example on its own, with its own key (vmap batches the network back together)
-        if y is None:
-            return jax.vmap(lambda xi, ti, ki: one(xi[None], ti[None], ki, None)[0])(x, t, dropout_key)
-        return jax.vmap(lambda xi, ti, ki, yi: one(xi[None], ti[None], ki, yi[None])[0])(x, t, dropout_key, y)
+        # (y = None is an empty pytree to vmap: it stays None inside)
+        return jax.vmap(lambda xi, ti, ki, yi: one(xi[None], ti[None], ki, None if yi is None else yi[None])[0])(
+            x, t, dropout_key, y)
 
     return model_fn

@@ -273,8 +273,9 @@ class ScoreNet(nn.Module):
         added to the time embedding (``models/class_embed.py``); 0: unconditional.
 
     Call: ``x`` ``(B, H, W, C)`` float, ``t`` ``(B,)`` (or a scalar, broadcast) ints or floats used
-    as given, ``y`` ``(B,)`` int labels (conditional networks only; None = no class) → ``(B, H, W, out_channels)`` float32. Unusable shapes or widths raise ``ValueError``
-    at init/trace time (see ``check_config``, ``check_image_shape``).
+    as given, ``y`` ``(B,)`` int labels (conditional networks only; None = no class) →
+    ``(B, H, W, out_channels)`` float32. Unusable shapes or widths raise ``ValueError`` at
+    init/trace time (see ``check_config``, ``check_image_shape``).
     """
 
     channels: Sequence[int] = (8, 16, 32, 64)
