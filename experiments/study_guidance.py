@@ -13,7 +13,8 @@ run's config sampler, and reports (``ddpm_jax.evaluation`` and the project's MNI
   their floors, and the lecture's table, diversity ``div_real`` included).
 
 Writes, atomically after each w (a rerun adds the missing ones), ``<out_dir>/guidance_n<N>.json``,
-``guidance_n<N>.png`` (accuracy, mean per-class FID and div/real against w) and
+``guidance_n<N>.png`` (classifier FIDs against w, with floors), ``guidance_accuracy_n<N>.png``
+(accuracy and div/real against w) and
 ``guidance_grid_w<w>.png`` (a row of ten samples per class).
 """
 
@@ -65,15 +66,24 @@ def per_class_scores(samples01, labels, predicted, test01, test_labels, train01,
 
 
 def _plots(out: dict, out_dir: str, suffix: str) -> None:
+    """``guidance_<suffix>.png``: classifier FIDs against w (log scale) with their real-vs-real
+    floors; ``guidance_accuracy_<suffix>.png``: accuracy and div/real against w."""
     from ddpm_jax import plots
 
     rows = sorted(out["rows"], key=lambda r: r["guidance"])
     ws = [r["guidance"] for r in rows]
-    series = {"accuracy": (ws, [r["accuracy"] for r in rows]),
-              "mean per-class classifier FID / 10": (ws, [r["mean_class_fid"] / 10 for r in rows]),
+    title = f"{os.path.basename(out['workdir'])}, step {out['step']}, N={out['num_samples']}"
+    fids = {"per-class classifier FID, mean": (ws, [r["mean_class_fid"] for r in rows]),
+            "per-class classifier FID, max": (ws, [r["max_class_fid"] for r in rows]),
+            "classifier FID, all samples": (ws, [r["report"]["fid_classifier"]["test"] for r in rows])}
+    floors = {"per-class floor, mean": rows[0]["mean_class_floor"],
+              "floor, all samples": rows[0]["report"]["fid_classifier"]["floor_train_vs_test"]}
+    plots.save_line_plot(fids, os.path.join(out_dir, f"guidance_{suffix}.png"), xlabel="guidance w",
+                         ylabel="classifier FID", title=title, logy=True, hlines=floors)
+    shares = {"accuracy (drawn as asked)": (ws, [r["accuracy"] for r in rows]),
               "div/real": (ws, [r["report"]["sample_quality"]["div_real"] for r in rows])}
-    plots.save_line_plot(series, os.path.join(out_dir, f"guidance_{suffix}.png"), xlabel="guidance w",
-                         ylabel="value", title=f"{os.path.basename(out['workdir'])}, step {out['step']}, N={out['num_samples']}")
+    plots.save_line_plot(shares, os.path.join(out_dir, f"guidance_accuracy_{suffix}.png"), xlabel="guidance w",
+                         ylabel="fraction", title=title, hlines={"accuracy bar": 0.99, "real data's diversity": 1.0})
 
 
 def main(argv):

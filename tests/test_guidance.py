@@ -203,7 +203,7 @@ def test_guidance_study_scores_each_w_and_resumes(tmp_path, plain_run):
         for c in r["classes"].values():
             assert c["n"] == 4 and c["fid_classifier"] >= 0 and c["floor_train_vs_test"] >= 0
         assert r["report"]["num_samples"] == 8 and "div_real" in r["report"]["sample_quality"]
-    for name in ("guidance_n8.png", "guidance_grid_w0.png", "guidance_grid_w1.png"):
+    for name in ("guidance_n8.png", "guidance_accuracy_n8.png", "guidance_grid_w0.png", "guidance_grid_w1.png"):
         assert os.path.getsize(out_dir / name) > 0
     again = run_module("experiments.study_guidance", "--workdir", work, "--num", 8, "--batch_size", 8,
                        "--guidance", "1,2", "--out_dir", out_dir)
