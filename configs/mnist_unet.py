@@ -111,5 +111,5 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     if variant == "conditional":  # the same recipe told which digit to draw (classifier-free guidance)
         c.model.num_classes = 10
         c.train.label_dropout = 0.1  # 10 % of the steps' labels replaced by "no class"
-        c.sampling.guidance = 0.5  # the smallest w measured to draw the asked digit >= 99 % (docs/results.md)
+        c.sampling.guidance = 0.5  # 99.8 % drawn as asked; w = 0.25: 98.98 % (docs/results.md, class-conditional)
     return c
