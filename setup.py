@@ -2,6 +2,8 @@
 
 from setuptools import find_packages, setup
 
+PARITY = ["torch>=2.14", "torchvision>=0.29", "diffusers>=0.42", "pytorch-fid>=0.3", "torch-fidelity>=0.4"]
+
 setup(
     name="ddpm_jax",
     version="0.1.0",
@@ -27,8 +29,12 @@ setup(
         "matplotlib>=3.11",
         "pillow>=13.0",  # data.source=folder (also a matplotlib dependency)
         "tensorboardX>=2.6.5",
+        "safetensors>=0.8.0",  # released checkpoints (ddpm_jax.pretrained), read without torch
     ],
     extras_require={
-        "test": ["pytest>=9.0", "pytest-xdist>=3.8", "scipy>=1.17"],
+        # The reference implementations the parity tests compare against, built offline with seeded
+        # weights. Test dependencies only: the library never imports them.
+        "parity": PARITY,
+        "test": ["pytest>=9.0", "pytest-xdist>=3.8", "scipy>=1.17"] + PARITY,
     },
 )

@@ -112,9 +112,12 @@ def main(argv=None) -> int:
              "share": round(t / total, 3)} for g, t in groups.most_common()]
     rows.append({"name": "total (sum of operations)", "preset": args.preset, "conv_impl": args.conv_impl,
                  "value": round(total, 3), "unit": "ms/step", "share": 1.0})
+    from ddpm_jax import provenance
+
     if args.json:
         for r in rows:
             print(json.dumps(r))
+        print(json.dumps({"provenance": provenance.record()}))
         return 0
     print(f"{args.preset}, conv_impl={args.conv_impl}, batch 100, one CPU device: ms per training step")
     for r in rows:
@@ -122,6 +125,7 @@ def main(argv=None) -> int:
     print(f"slowest {args.top} operations:")
     for name, t in ms.most_common(args.top):
         print(f"  {t:7.2f} ms  {group(name):22s} {name}  f32{convs.get(name, '')}")
+    print(provenance.summary_line())
     return 0
 
 

@@ -215,11 +215,16 @@ def main(argv=None) -> int:
                              "unit": unit, "device": device, "jax": jax.__version__})
                 if args.json:
                     print(json.dumps(rows[-1]), flush=True)
-    if not args.json:
+    from ddpm_jax import provenance
+
+    if args.json:  # the last line: what ran, where
+        print(json.dumps({"provenance": provenance.record()}), flush=True)
+    else:
         print(f"{'preset':8s} {'conv_impl':9s} {'allreduce':9s} {'measure':26s} {'value':>12s}  unit   "
               f"({device}, jax {jax.__version__})")
         for r in rows:
             print(f"{r['preset']:8s} {r['conv_impl']:9s} {r['allreduce']:9s} {r['name']:26s} {r['value']:12.4g}  {r['unit']}")
+        print(provenance.summary_line())
     return 0
 
 

@@ -198,11 +198,15 @@ def main(argv=None) -> int:
     run_reference = reference_runner(bench_dir, args.torch_python, mnist_dir, args.repeats)
     records = measure(settings, args.rounds, ours_runner(args.blocks), run_reference, report)
     rows = summarise(records)
+    from ddpm_jax import provenance
+
     if args.json:
         for row in rows:
             print(json.dumps({"summary": row}), flush=True)
+        print(json.dumps({"provenance": provenance.record()}), flush=True)
     else:
         print(_table(rows))
+        print(provenance.summary_line())
     return 0
 
 

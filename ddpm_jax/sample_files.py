@@ -1,7 +1,10 @@
 """The samples file: what ``experiments.sample`` writes and ``experiments.evaluate --samples`` reads.
 
 ``samples.npz`` holds ``samples`` (N, H, W, C) float32 in the run's data scale, ``images`` (the
-same mapped to [0, 1] and clipped, for viewing), and ``scale`` (the data scale, e.g. ``'[0,1]'``).
+same mapped to [0, 1] and clipped, for viewing), ``scale`` (the data scale, e.g. ``'[0,1]'``) and
+``meta``: a JSON object saying what drew them (the sampler's options and tag, seed, checkpoint
+step, EMA or raw params, the run's workdir, and the provenance of the command,
+:mod:`ddpm_jax.provenance`), which :func:`read_meta` returns and evaluation reports.
 It is written atomically (:func:`ddpm_jax.files.save_npz`): an interrupted write leaves the
 previous file as it was.
 
@@ -13,6 +16,7 @@ scale.
 
 from __future__ import annotations
 
+import json
 import os
 import zipfile
 from typing import Optional, Sequence, Tuple
@@ -22,7 +26,7 @@ import numpy as np
 from ddpm_jax import data
 from ddpm_jax.files import save_npz
 
-__all__ = ["SamplesError", "save_samples", "load_samples", "check_samples", "OUT_OF_RANGE_LIMIT"]
+__all__ = ["SamplesError", "save_samples", "load_samples", "read_meta", "check_samples", "OUT_OF_RANGE_LIMIT"]
 
 #: At most this fraction of sample values may lie more than half the data range outside it
 #: (for [0, 1]: below -0.5 or above 1.5). A model's samples overshoot the range by a little;
@@ -34,13 +38,35 @@ class SamplesError(ValueError):
     """A samples file or array cannot be evaluated as the run's samples; one line says why."""
 
 
-def save_samples(path: str, samples: np.ndarray, *, scale: str, labels=None) -> str:
+def save_samples(path: str, samples: np.ndarray, *, scale: str, labels=None, meta: Optional[dict] = None) -> str:
     """Writes ``samples`` (N, H, W, C) in data scale ``scale`` with their [0, 1] ``images`` (and
-    ``labels`` (N,), the class each was drawn for, when given)."""
+    ``labels`` (N,), the class each was drawn for, when given; ``meta``, a JSON-able dict of how
+    they were drawn, stored as a JSON string)."""
     samples = np.asarray(samples, np.float32)
     images = np.asarray(data.unscale_images(samples, scale), np.float32)
     extra = {} if labels is None else {"labels": np.asarray(labels, np.int32)}
+    if meta is not None:
+        extra["meta"] = np.asarray(json.dumps(meta))
     return save_npz(path, samples=samples, images=images, scale=np.asarray(scale), **extra)
+
+
+def read_meta(path: str) -> Optional[dict]:
+    """The ``meta`` dict a samples file records (None for a ``.npy`` array or a file without one).
+    Call after :func:`load_samples` has accepted the file. Raises :class:`SamplesError` (one line)
+    if the record is unreadable."""
+    with open(path, "rb") as f:
+        if f.read(6) == b"\x93NUMPY":
+            return None
+    with np.load(path, allow_pickle=False) as z:
+        if "meta" not in z.files:
+            return None
+        try:
+            meta = json.loads(str(z["meta"]))
+        except (ValueError, OSError) as e:
+            raise SamplesError(f"--samples {path}: its 'meta' record is not readable JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise SamplesError(f"--samples {path}: its 'meta' record is not a JSON object")
+    return meta
 
 
 def load_samples(path: str) -> Tuple[np.ndarray, Optional[str]]:

@@ -14,7 +14,6 @@ Samples are ``.npz`` files with ``samples`` (N, H, W, C) in the data's [0, 1] sc
 ``experiments.sample``. Writes ``--out`` (JSON).
 """
 
-import json
 import os
 import sys
 
@@ -69,7 +68,9 @@ def main(argv):
     from ddpm_jax.evaluation import paired_fid_draws
 
     report = paired_fid_draws(sets, pool, FLAGS.num, FLAGS.draws, FLAGS.seed)
-    report["samples"] = {item.partition("=")[0]: os.path.abspath(item.partition("=")[2]) for item in FLAGS.samples}
+    from ddpm_jax import provenance
+
+    report["samples"] = {item.partition("=")[0]: provenance.relative(item.partition("=")[2]) for item in FLAGS.samples}
     for name, r in report["sets"].items():
         print(f"{name:24s} FID {r['mean']:.3f} ± {r['sd']:.3f} (sd over {FLAGS.draws} draws), range {r['min']:.3f}..{r['max']:.3f}")
     f = report["floor"]
@@ -77,9 +78,10 @@ def main(argv):
     for pair, r in report["paired_differences"].items():
         print(f"{pair:24s} paired difference {r['mean']:+.3f} ± {r['se']:.3f} (standard error)")
     if FLAGS.out:
+        from ddpm_jax.files import write_json
+
         os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-        with open(FLAGS.out, "w") as fh:
-            json.dump(report, fh, indent=1)
+        write_json(FLAGS.out, {**report, "provenance": provenance.record()}, indent=1)
         print(f"-> {FLAGS.out}")
 
 

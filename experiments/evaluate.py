@@ -7,7 +7,11 @@ and the lecture's sample-quality metrics.
 
 Samples are drawn with the sampling module (EMA params by default) unless ``--samples`` gives a
 ``samples.npz`` from ``experiments.sample`` (or an ``.npy`` array). Prints a table and writes
-``<workdir>/eval/<sampler>_n<N>.json`` (or ``--out``), atomically.
+``<workdir>/eval/<sampler>_n<N>.json`` (or ``--out``), atomically, with the command's
+provenance (``ddpm_jax.provenance``). For ``--samples`` the report's sampler, step, params and
+sampling seed are the ones the file records (its ``meta``), never the run's config: a file that
+records none (an ``.npy`` array, another program's output) is reported with ``"sampler": null``,
+and sampler flags beside ``--samples`` are refused (they describe drawing new samples).
 
 Given samples are checked before any work (``ddpm_jax.sample_files``): the file, the ``samples``
 key, dtype, shape, finiteness and value range in the run's data scale; each problem is one
@@ -41,18 +45,24 @@ def main(argv):
     import jax
     import numpy as np
 
-    from ddpm_jax import data, sampling
+    from ddpm_jax import data, provenance, sampling
     from ddpm_jax.checkpointing import CheckpointError
     from ddpm_jax.evaluation import evaluate_samples, format_report
     from ddpm_jax.files import check_writable, os_error_line, write_json
     from ddpm_jax.runs import sampling_tag
-    from ddpm_jax.sample_files import SamplesError, check_samples, load_samples
+    from ddpm_jax.sample_files import SamplesError, check_samples, load_samples, read_meta
 
     try:
+        if FLAGS.samples:
+            drawn_with = sampler_flags.present_sampler_flags()
+            if drawn_with:
+                raise ValueError(f"--{drawn_with[0]} describes drawing new samples; --samples {FLAGS.samples} records "
+                                 "the sampler that drew it (drop the sampler flags)")
         run, opts = sampler_flags.run_and_options()
-        given = None
+        given = meta = None
         if FLAGS.samples:  # the file first: a bad one is refused before the data are loaded
             given, file_scale = load_samples(FLAGS.samples)
+            meta = read_meta(FLAGS.samples)
         splits = data.splits_from_config(run.config, source=FLAGS.data_source, path=FLAGS.data_path)
         if given is not None:
             try:
@@ -65,7 +75,12 @@ def main(argv):
     except (ValueError, FileNotFoundError, CheckpointError) as e:
         cli.fail(str(e))
 
-    tag = sampling_tag(opts) if given is None else os.path.splitext(os.path.basename(os.path.dirname(os.path.abspath(FLAGS.samples))))[0]
+    if given is None:
+        tag = sampling_tag(opts)
+    elif meta is not None and meta.get("sampler_tag"):
+        tag = meta["sampler_tag"]
+    else:  # an unrecorded file: named after its directory, and reported with no sampler
+        tag = os.path.splitext(os.path.basename(os.path.dirname(os.path.abspath(FLAGS.samples))))[0]
     out = os.path.abspath(FLAGS.out or os.path.join(run.workdir, "eval", f"{tag}_n{FLAGS.num}.json"))
     try:
         check_writable(os.path.dirname(out), "--out's directory" if FLAGS.out else "the eval directory", need_bytes=2**20)
@@ -89,8 +104,19 @@ def main(argv):
     t0 = time.time()
     report = evaluate_samples(np.asarray(samples), splits, scale=run.data_scale, seed=FLAGS.seed, trajectory=traj)
     timing["metrics_s"] = time.time() - t0
-    report.update({"workdir": run.workdir, "step": run.step, "params": FLAGS.params, "sampler": {k: v for k, v in opts.items() if k != "clip_x0"},
-                   "clip_x0": opts["clip_x0"], "timing": timing})
+    if given is None:
+        drawn = {"step": run.step, "params": FLAGS.params, "sampler": {k: v for k, v in opts.items() if k != "clip_x0"},
+                 "clip_x0": opts["clip_x0"], "sampling_seed": FLAGS.seed}
+    else:  # what the file says drew it, or null: never the run's config
+        m = meta or {}
+        sampler = m.get("sampler")
+        drawn = {"step": m.get("step"), "params": m.get("params"),
+                 "sampler": None if sampler is None else {k: v for k, v in sampler.items() if k != "clip_x0"},
+                 "clip_x0": None if sampler is None else sampler.get("clip_x0"), "sampling_seed": m.get("seed"),
+                 "samples": {"path": provenance.relative(FLAGS.samples), "recorded": meta is not None,
+                             "workdir": m.get("workdir"), "provenance": m.get("provenance")}}
+    report.update({"workdir": provenance.relative(run.workdir), **drawn, "seed": FLAGS.seed, "timing": timing,
+                   "provenance": provenance.record()})
     try:
         write_json(out, report)
     except OSError as e:

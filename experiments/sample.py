@@ -8,7 +8,8 @@
 Restores the latest checkpoint (EMA params unless ``--params=raw``), samples in batches (one
 compiled ``lax.scan`` serves every batch) with a progress bar, and writes
 ``<out>/samples.npz`` (``samples``: (N, H, W, C) in the data's scale; ``images``: the same mapped
-to [0, 1] and clipped) and ``<out>/grid.png`` (the first 100). ``<out>`` defaults to
+to [0, 1] and clipped; ``meta``: the sampler's options, seed, step, params and the command's
+provenance, which ``experiments.evaluate --samples`` reports) and ``<out>/grid.png`` (the first 100). ``<out>`` defaults to
 ``<workdir>/samples/<tag>`` with ``ddpm_jax.runs.sampling_tag``'s name for the options
 (e.g. ``eps_ddpm``, ``eps_ddpm_posterior``, ``ddim_steps50_eta0``). A class-conditional run draws
 the classes of ``--class`` (one, a comma-separated list, or ``all``; the samples are split into
@@ -74,7 +75,7 @@ def main(argv):
     import jax
     import numpy as np
 
-    from ddpm_jax import data, plots, sampling
+    from ddpm_jax import data, plots, provenance, sampling
     from ddpm_jax.checkpointing import CheckpointError
     from ddpm_jax.files import check_writable, os_error_line
     from ddpm_jax.runs import sampling_tag
@@ -112,8 +113,12 @@ def main(argv):
     t0 = time.time()
     x = sampling.sample_in_batches(compiled, FLAGS.num, FLAGS.batch_size, jax.random.PRNGKey(FLAGS.seed), labels=labels)
     dt = time.time() - t0
+    meta = {"sampler": opts, "sampler_tag": tag, "seed": FLAGS.seed, "step": run.step, "params": FLAGS.params,
+            "workdir": provenance.relative(run.workdir), "num": FLAGS.num, "batch_size": FLAGS.batch_size,
+            "classes": classes, "sample_seconds": round(dt, 3), "compile_seconds": round(t_compile, 3),
+            "provenance": provenance.record()}
     try:
-        save_samples(os.path.join(out, "samples.npz"), np.asarray(x), scale=run.data_scale, labels=labels)
+        save_samples(os.path.join(out, "samples.npz"), np.asarray(x), scale=run.data_scale, labels=labels, meta=meta)
         title = f"{method}, step {run.step}"
         if classes is None:
             images, ncol = x[:100], 0

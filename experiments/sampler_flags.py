@@ -38,6 +38,16 @@ def define(*, num: int, batch_size: int, min_num: int = 1) -> None:
     flags.mark_flags_as_required(["workdir"])
 
 
+#: The flags that choose how new samples are drawn (not which run, how many, or where).
+SAMPLER_FLAGS = ("method", "num_steps", "eta", "grid", "s_churn", "s_tmin", "s_tmax", "s_noise", "ddpm_variance",
+                 "clip_x0", "params", "guidance")
+
+
+def present_sampler_flags() -> list:
+    """The sampler flags given on the command line, in :data:`SAMPLER_FLAGS`' order."""
+    return [name for name in SAMPLER_FLAGS if FLAGS[name].present]
+
+
 def quiet_logs() -> None:
     """Orbax logs every restore at INFO; keep the console readable unless --verbosity is given."""
     if not FLAGS["verbosity"].present:

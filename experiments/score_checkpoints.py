@@ -83,7 +83,7 @@ def main(argv):
     import jax
     import numpy as np
 
-    from ddpm_jax import sampling
+    from ddpm_jax import provenance, sampling
     from ddpm_jax.checkpointing import CheckpointError
     from ddpm_jax.evaluation import evaluate_samples
     from ddpm_jax.files import os_error_line, write_json
@@ -96,7 +96,7 @@ def main(argv):
     name = f"{tag}_n{FLAGS.num}" + (f"_seed{FLAGS.seed}" if FLAGS.seed else "")
     json_path = os.path.join(out_dir, f"checkpoints_{name}.json")
     sampler = {k: v for k, v in opts.items() if k != "clip_x0"}
-    out = {"workdir": workdir, "sampler": sampler, "sampler_tag": tag, "clip_x0": opts["clip_x0"],
+    out = {"workdir": provenance.relative(workdir), "sampler": sampler, "sampler_tag": tag, "clip_x0": opts["clip_x0"],
            "num_samples": FLAGS.num, "seed": FLAGS.seed, "rows": []}
     out["rows"] = cli.earlier_rows(json_path, out, ("workdir", "sampler", "num_samples", "seed"))  # kept, not sampled again
     done = {r["step"] for r in out["rows"]} & set(steps)
@@ -116,7 +116,9 @@ def main(argv):
         report = evaluate_samples(np.asarray(x), splits, scale=run.data_scale, seed=FLAGS.seed)
         report["sample_seconds"] = seconds
         row = _row(report, run)
+        row["provenance"] = provenance.record(wall_s=seconds)
         out["rows"] = sorted(out["rows"] + [row], key=lambda r: r["step"])
+        out["provenance"] = provenance.record()
         try:
             write_json(json_path, out)
             _plot(out, os.path.join(out_dir, f"fid_vs_minutes_{name}.png"))

@@ -99,7 +99,7 @@ def main(argv):
     import jax
     import numpy as np
 
-    from ddpm_jax import data, plots, sampling
+    from ddpm_jax import data, plots, provenance, sampling
     from ddpm_jax.evaluation import evaluate_samples
     from ddpm_jax.files import os_error_line, write_json
     from ddpm_jax.metrics import classifier
@@ -120,7 +120,7 @@ def main(argv):
     suffix = f"n{FLAGS.num}" + (f"_seed{FLAGS.seed}" if FLAGS.seed else "")
     json_path = os.path.join(out_dir, f"guidance_{suffix}.json")
     sampler = {key: v for key, v in options[values[0]].items() if key not in ("clip_x0", "guidance")}
-    out = {"workdir": workdir, "step": run.step, "num_samples": FLAGS.num, "seed": FLAGS.seed, "sampler": sampler, "rows": []}
+    out = {"workdir": provenance.relative(workdir), "step": run.step, "num_samples": FLAGS.num, "seed": FLAGS.seed, "sampler": sampler, "rows": []}
     out["rows"] = cli.earlier_rows(json_path, out, ("workdir", "step", "num_samples", "seed", "sampler"))
     done = {r["guidance"] for r in out["rows"]}
     labels = np.repeat(np.arange(k, dtype=np.int32), FLAGS.num // k)
@@ -144,8 +144,9 @@ def main(argv):
                "mean_class_fid": float(np.mean([c["fid_classifier"] for c in classes.values()])),
                "max_class_fid": float(np.max([c["fid_classifier"] for c in classes.values()])),
                "mean_class_floor": float(np.mean([c["floor_train_vs_test"] for c in classes.values()])),
-               "classes": classes, "report": report}
+               "classes": classes, "report": report, "provenance": provenance.record(wall_s=seconds)}
         out["rows"].append(row)
+        out["provenance"] = provenance.record()
         grid = np.concatenate([x01[labels == c][:10] for c in range(k)])
         try:
             write_json(json_path, out)

@@ -159,6 +159,10 @@ def headline(report: Dict[str, Any]) -> str:
 
 
 def write_json(workdir: str, name: str, obj: Dict[str, Any]) -> str:
+    """Writes ``obj`` with the command's provenance (``ddpm_jax.provenance``) to ``workdir/name``."""
+    from ddpm_jax import provenance
+
+    obj = {**provenance.relative_paths(obj), "provenance": provenance.record()}
     path = os.path.join(workdir, name)
     with open(path + ".tmp", "w") as f:
         json.dump(obj, f, indent=1, default=float)

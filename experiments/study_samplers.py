@@ -119,7 +119,7 @@ def main(argv):
     import jax
     import numpy as np
 
-    from ddpm_jax import sampling
+    from ddpm_jax import provenance, sampling
     from ddpm_jax.evaluation import evaluate_samples
     from ddpm_jax.files import os_error_line, write_json
 
@@ -138,7 +138,7 @@ def main(argv):
 
     suffix = f"n{FLAGS.num}" + (f"_seed{FLAGS.seed}" if FLAGS.seed else "")
     json_path = os.path.join(out_dir, f"samplers_{suffix}.json")
-    out = {"workdir": workdir, "step": run.step, "num_samples": FLAGS.num, "seed": FLAGS.seed,
+    out = {"workdir": provenance.relative(workdir), "step": run.step, "num_samples": FLAGS.num, "seed": FLAGS.seed,
            "clip_x0": run.sampler_options()["clip_x0"], "rows": []}
     out["rows"] = cli.earlier_rows(json_path, out, ("workdir", "step", "num_samples", "seed", "clip_x0"))
     done = {(r["name"], r["nfe"]) for r in out["rows"]}
@@ -156,7 +156,9 @@ def main(argv):
         report = evaluate_samples(np.asarray(x), splits, scale=run.data_scale, seed=FLAGS.seed)
         sampler = {k: v for k, v in opts.items() if k != "clip_x0"}
         out["rows"].append({"name": name, "nfe": nfe, "sampler": sampler, "sample_seconds": seconds,
-                            "compile_seconds": compile_seconds, "report": report})
+                            "compile_seconds": compile_seconds, "report": report,
+                            "provenance": provenance.record(wall_s=compile_seconds + seconds)})
+        out["provenance"] = provenance.record()
         try:
             write_json(json_path, out)
             _plots(out, os.path.join(out_dir, f"fid_vs_KIND_{suffix}.png"))

@@ -16,7 +16,7 @@ import numpy as np
 import optax
 import pytest
 
-from ddpm_jax import data, objectives
+from ddpm_jax import data, objectives, provenance
 from ddpm_jax.checkpointing import Checkpointer, async_save_is_safe
 from ddpm_jax.config import ConfigError, validate_config
 from ddpm_jax.models import make_model
@@ -301,6 +301,20 @@ def test_idx_source_without_path_is_refused():
         validate_config(tiny_config("eps", **{"data.source": "idx", "data.path": ""}))
 
 
+def cfg_method(workdir):
+    with open(workdir / "config.json") as f:
+        return json.load(f)["sampling"]["method"]
+
+
+def absolute_paths(obj, where="report"):
+    """The places in a JSON-like ``obj`` whose string value is an absolute path."""
+    if isinstance(obj, dict):
+        return [p for k, v in obj.items() for p in absolute_paths(v, f"{where}.{k}")]
+    if isinstance(obj, list):
+        return [p for i, v in enumerate(obj) for p in absolute_paths(v, f"{where}[{i}]")]
+    return [f"{where} = {obj}"] if isinstance(obj, str) and os.path.isabs(obj) else []
+
+
 def _cli(args, **kw):
     env = cpu_env()
     return subprocess.run([sys.executable, "-m", "experiments.train", *args], cwd=REPO, capture_output=True, text=True, env=env, **kw)
@@ -331,6 +345,21 @@ def test_cli_trains_on_an_idx_directory_and_resumes(tmp_path):
     assert ev.returncode == 0, ev.stderr[-3000:]
     report = json.load(open(work / "eval" / "ddim_steps5_eta0_n6.json"))
     assert {"val", "test", "floor_train_vs_test"} <= set(report["fid_pixel"]) and report["step"] == 6
+    # the report names the sampler that drew the file (DDIM, 5 steps), not the config's (eps_ddpm),
+    # says where it comes from, and holds no absolute path
+    assert cfg_method(work) != "ddim" and report["sampler"]["method"] == "ddim" and report["sampler"]["num_steps"] == 5
+    assert report["samples"]["recorded"] and report["samples"]["path"] == os.path.relpath(
+        work / "samples" / "ddim_steps5_eta0" / "samples.npz", REPO)
+    assert set(provenance.REQUIRED_FIELDS) <= set(report["provenance"])
+    assert report["provenance"]["command"].startswith("python -m experiments.evaluate --workdir ")
+    assert report["samples"]["provenance"]["command"].startswith("python -m experiments.sample ")
+    assert not absolute_paths(report), absolute_paths(report)
+    # sampler flags beside --samples describe other samples: refused in one line, nothing written
+    mixed = subprocess.run([sys.executable, "-m", "experiments.evaluate", "--workdir", str(work), "--num", "6", "--method",
+                            "eps_ddpm", "--samples", str(work / "samples" / "ddim_steps5_eta0" / "samples.npz"),
+                            "--out", str(tmp_path / "mixed.json")], cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    assert mixed.returncode == 2 and "--method describes drawing new samples" in mixed.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "mixed.json").exists()
     bad_sample = subprocess.run([sys.executable, "-m", "experiments.sample", "--workdir", str(work), "--method", "eps_ddpm",
                                  "--num_steps", "5"], cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
     assert bad_sample.returncode == 2 and "needs one of" in bad_sample.stderr
