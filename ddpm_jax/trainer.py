@@ -7,7 +7,7 @@ sample grid, checkpoint — and a stop on Ctrl-C, SIGTERM or pre-emption) and a 
 (:func:`_finish`: final evaluation, grid and loss curve). Outputs (only process 0 writes):
 
     workdir/config.json  metrics.jsonl  tb/  checkpoints/  samples/epoch_XXXX.png  samples/final.png
-    workdir/loss_curve.png
+    workdir/loss_curve.png  provenance.jsonl (a line per command: command, commit, machine, wall time)
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import math
 import os
 import signal
@@ -26,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import data, objectives, platform_profile, plots, sampling
+from ddpm_jax import data, objectives, platform_profile, plots, provenance, sampling
 from ddpm_jax.checkpointing import Checkpointer, read_config_json, remove_partial_checkpoints, write_config_json
 from ddpm_jax.config import ConfigError, sampler_options_from_config, schedule_from_config, validate_config
 from ddpm_jax.files import check_writable
@@ -460,6 +461,24 @@ def _abandon(run: _Run) -> None:
         remove_partial_checkpoints(run.ckpt.directory)
 
 
+PROVENANCE_FILE = "provenance.jsonl"
+
+
+def _record_provenance(run: _Run) -> None:
+    """Appends one line per command to ``workdir/provenance.jsonl``: the step it reached, how it
+    ended, the run's training wall seconds so far, and the command's provenance (command line,
+    commit, machine, versions, this command's wall time)."""
+    if not run.is_main:
+        return
+    row = {"step": run.step, "stopped_by": run.stopped_by, "train_wall_seconds": round(run.wall_seconds(), 3),
+           **provenance.record()}
+    try:
+        with open(os.path.join(run.workdir, PROVENANCE_FILE), "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+    except OSError as e:  # the checkpoint and metrics are what matter; say so and go on
+        log(f"warning: could not append to {PROVENANCE_FILE}: {e}")
+
+
 def _finish(run: _Run) -> Dict[str, Any]:
     """After the loop: a stopped run says how to resume; a finished one gets its final
     evaluation, grid and loss curve."""
@@ -475,5 +494,6 @@ def _finish(run: _Run) -> Dict[str, Any]:
             "".join(f", {k} {v:.4f}" for k, v in run.last_eval.items()))
         log(f"outputs in {run.workdir}: checkpoints/ (latest step {run.ckpt.latest_step()}), metrics.jsonl, tb/, "
             f"loss_curve.png, samples/ (final grid: {grid})")
+    _record_provenance(run)
     run.close()
     return run.summary(run.stopped_by)

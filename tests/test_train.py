@@ -330,6 +330,10 @@ def test_cli_trains_on_an_idx_directory_and_resumes(tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stdout and "at step 3" in second.stdout and "done: step 6" in second.stdout
     assert os.path.exists(work / "samples" / "final.png")
+    # one provenance line per training command: where each part of the run comes from
+    rows = [json.loads(line) for line in open(work / "provenance.jsonl")]
+    assert [r["step"] for r in rows] == [3, 6] and all(set(provenance.REQUIRED_FIELDS) <= set(r) for r in rows)
+    assert rows[1]["command"].startswith("python -m experiments.train ") and not absolute_paths(rows)
     # the sampling CLI restores that run (EMA params) and writes samples.npz and a grid
     env = cpu_env()
     sample = subprocess.run([sys.executable, "-m", "experiments.sample", "--workdir", str(work), "--method", "ddim",
