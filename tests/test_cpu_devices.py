@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from ddpm_jax import cpu_devices
-from tests.helpers import REPO, STD_NAMES, FakeArray, cli_args, make_digits_like, write_dir
+from helpers import REPO, STD_NAMES, FakeArray, cli_args, make_digits_like, write_dir
 
 
 @pytest.mark.parametrize("requested, batches, cores, expected", [

@@ -7,7 +7,7 @@ import statistics
 import pytest
 
 from benchmarks import side_by_side as sbs
-from tests.helpers import FakeArray
+from helpers import FakeArray
 
 
 def test_rounds_alternate_which_side_goes_first():
