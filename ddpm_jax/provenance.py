@@ -111,21 +111,34 @@ def git_state(repo: str = REPO) -> Dict[str, Any]:
         return {"commit": None, "dirty": None}
 
 
-def _cpu_model() -> str:
+def _cpu_info() -> Dict[str, Any]:
+    """The CPU's model name, family and widest vector extension, from ``/proc/cpuinfo`` (Linux)."""
+    info: Dict[str, Any] = {}
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                key, value = key.strip().lower(), value.strip()
+                if key == "model name" and "cpu" not in info:
+                    info["cpu"] = value
+                elif key == "cpu family" and "cpu_family" not in info:
+                    info["cpu_family"] = int(value) if value.isdigit() else value
+                elif key == "flags" and "simd" not in info:
+                    flags = set(value.split())
+                    info["simd"] = next((f for f in ("avx512f", "avx2", "avx", "sse4_2") if f in flags), None)
+                if len(info) == 3:
+                    break
     except OSError:
         pass
-    return platform.processor() or platform.machine() or "unknown"
+    info.setdefault("cpu", platform.processor() or platform.machine() or "unknown")
+    return info
 
 
 def machine() -> Dict[str, Any]:
-    """The CPU (model, cores this process may use) and JAX's devices (platform, count, kind)."""
+    """The CPU (model, family, widest vector extension, cores this process may use) and JAX's
+    devices (platform, count, kind)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    out: Dict[str, Any] = {"cpu": _cpu_model(), "cores": cores}
+    out: Dict[str, Any] = {**_cpu_info(), "cores": cores}
     jax = sys.modules.get("jax")
     if jax is not None:
         try:
@@ -156,7 +169,8 @@ def summary_line() -> str:
     m, v, g = machine(), versions(), git_state()
     dev = f", {m['devices']} x {m['device_kind']}" if "devices" in m else ""
     commit = (g["commit"] or "?")[:10] + (" (dirty)" if g["dirty"] else "")
-    return f"({m['cpu']}, {m['cores']} cores{dev}; jax {v['jax']}; commit {commit})"
+    cpu = m["cpu"] + "".join(f", {k} {m[k]}" for k in ("cpu_family", "simd") if m.get(k) is not None)
+    return f"({cpu}, {m['cores']} cores{dev}; jax {v['jax']}; commit {commit})"
 
 
 def record(wall_s: Optional[float] = None, argv: Optional[Sequence[str]] = None, **extra) -> Dict[str, Any]:

@@ -99,22 +99,23 @@ def main(argv):
         check_writable(out, "--out" if FLAGS.out else "the samples directory", need_bytes=need)
     except OSError as e:
         cli.fail(os_error_line(e), cli.EXIT_WRITE_FAILED)
-    one_batch = run.make_sampler(FLAGS.batch_size, opts, ema=FLAGS.params == "ema")
+    batch_size = min(FLAGS.batch_size, FLAGS.num)  # a batch never holds more than the samples asked for
+    one_batch = run.make_sampler(batch_size, opts, ema=FLAGS.params == "ema")
 
     print(f"run {run.workdir} step {run.step} ({FLAGS.params} params); {method}{' (x̂_0 clipped)' if clip else ''}, "
-          f"{opts['num_steps'] or run.schedule.num_steps} steps; {FLAGS.num} samples in batches of {FLAGS.batch_size}"
-          f" on {_devices(FLAGS.batch_size)}", flush=True)
+          f"{opts['num_steps'] or run.schedule.num_steps} steps; {FLAGS.num} samples in batches of {batch_size}"
+          f" on {_devices(batch_size)}", flush=True)
     t0 = time.time()
-    y0 = None if labels is None else labels[:FLAGS.batch_size]
-    if y0 is not None and y0.shape[0] < FLAGS.batch_size:
-        y0 = np.resize(y0, FLAGS.batch_size)
+    y0 = None if labels is None else labels[:batch_size]
+    if y0 is not None and y0.shape[0] < batch_size:
+        y0 = np.resize(y0, batch_size)
     compiled = one_batch.compile(jax.random.PRNGKey(0), y0)  # one program per batch, compiled once
     t_compile = time.time() - t0
     t0 = time.time()
-    x = sampling.sample_in_batches(compiled, FLAGS.num, FLAGS.batch_size, jax.random.PRNGKey(FLAGS.seed), labels=labels)
+    x = sampling.sample_in_batches(compiled, FLAGS.num, batch_size, jax.random.PRNGKey(FLAGS.seed), labels=labels)
     dt = time.time() - t0
     meta = {"sampler": opts, "sampler_tag": tag, "seed": FLAGS.seed, "step": run.step, "params": FLAGS.params,
-            "workdir": provenance.relative(run.workdir), "num": FLAGS.num, "batch_size": FLAGS.batch_size,
+            "workdir": provenance.relative(run.workdir), "num": FLAGS.num, "batch_size": batch_size,
             "classes": classes, "sample_seconds": round(dt, 3), "compile_seconds": round(t_compile, 3),
             "provenance": provenance.record()}
     try:

@@ -60,7 +60,7 @@ def run_and_options():
     Applies the platform profile first (``ddpm_jax.platform_profile``): call it before any JAX computation."""
     from ddpm_jax import platform_profile
 
-    platform_profile.setup(FLAGS.platform, cpu_devices=FLAGS.cpu_devices, batch_sizes=[FLAGS.batch_size])
+    platform_profile.setup(FLAGS.platform, cpu_devices=FLAGS.cpu_devices, batch_sizes=[min(FLAGS.batch_size, FLAGS.num)])
     from ddpm_jax.runs import load_run
 
 
