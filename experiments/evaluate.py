@@ -13,6 +13,19 @@ sampling seed are the ones the file records (its ``meta``), never the run's conf
 records none (an ``.npy`` array, another program's output) is reported with ``"sampler": null``,
 and sampler flags beside ``--samples`` are refused (they describe drawing new samples).
 
+The field's sample metrics (``ddpm_jax.metrics.inception_metrics``: Inception FID, Inception Score,
+KID, precision/recall on pytorch-fid's Inception-v3) are added with ``--inception_weights`` and/or
+``--reference``; the DDPM paper's CIFAR-10 protocol is 50,000 samples against the training set::
+
+    python -m experiments.evaluate --workdir runs/ddpm_cifar10 --num 50000 \
+        --inception_weights pt_inception-2015-12-05-6726825d.pth --reference stats/cifar10_train.npz
+
+Without ``--reference`` the Inception FID is against N random images of the run's training split;
+KID and precision/recall always are; the real-vs-real floor (N validation vs N training images,
+disjoint by construction) is reported where the validation split holds N. N must exceed 2048, the
+weights must be pytorch-fid's file (SHA-256) and the reference statistics of the same extractor and
+dimension: checked before sampling.
+
 Given samples are checked before any work (``ddpm_jax.sample_files``): the file, the ``samples``
 key, dtype, shape, finiteness and value range in the run's data scale; each problem is one
 ``error:`` line and exit 2. ``--allow_out_of_range`` evaluates samples that leave the range as
@@ -34,8 +47,56 @@ flags.DEFINE_string("samples", None, "Evaluate these samples (an .npz with 'samp
 flags.DEFINE_string("data_source", None, "Override the run's config.data.source (e.g. idx).")
 flags.DEFINE_string("data_path", None, "Override the run's config.data.path.")
 flags.DEFINE_string("out", None, "Where to write the JSON report.")
+flags.DEFINE_string("inception_weights", None, "pytorch-fid's pt_inception-2015-12-05-6726825d.pth: adds the Inception "
+                    "FID, IS, KID and precision/recall (with --reference alone: the weights of the per-user cache).")
+flags.DEFINE_string("reference", None, "FID statistics (.npz in pytorch-fid's layout: experiments.reference_stats, or "
+                    "TTUR's) for the Inception FID; without it, N training images of the run's data.")
+flags.DEFINE_integer("inception_batch_size", 200, "Images per compiled Inception call.", lower_bound=1)
+flags.DEFINE_bool("allow_other_weights", False, "Accept --inception_weights whose SHA-256 is not pytorch-fid's file's.")
 flags.DEFINE_bool("allow_out_of_range", False, "Evaluate --samples whose values lie outside the run's data range "
                   "(by more than ddpm_jax.sample_files allows) as they are, instead of refusing them.")
+
+
+def _inception_setup():
+    """(weights, reference statistics or None) for the Inception metrics; ValueError /
+    FileNotFoundError (one line) for N <= 2048, a weights file that is not pytorch-fid's or a
+    reference of another extractor or dimension."""
+    from ddpm_jax.metrics import inception, inception_metrics
+
+    from ddpm_jax.files import os_error_line
+
+    inception_metrics.check_fid_size(FLAGS.num, "samples (--num)")
+    try:
+        weights = inception.load_weights(FLAGS.inception_weights,
+                                         expected_sha256=None if FLAGS.allow_other_weights else inception.FID_WEIGHTS_SHA256)
+    except OSError as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise ValueError(f"the Inception weights cannot be read or cached: {os_error_line(e)}") from None
+    reference = None
+    if FLAGS.reference:
+        reference = inception_metrics.load_statistics(FLAGS.reference)
+        try:
+            inception_metrics.check_reference(reference, weights.sha256)
+        except ValueError as e:
+            raise ValueError(f"--reference {FLAGS.reference}: {e}") from None
+    return weights, reference
+
+
+def _inception_report(samples, splits, scale, weights, reference):
+    """The Inception metrics of the samples (model space) against the run's data and ``reference``."""
+    import numpy as np
+
+    from ddpm_jax import data, provenance
+    from ddpm_jax.metrics import inception_metrics
+
+    gen = np.clip(np.asarray(data.unscale_images(samples, scale, clip=False), np.float32), 0.0, 1.0)
+    out = inception_metrics.evaluate_images(
+        gen, weights, real=np.asarray(data.unscale_images(splits.train, scale), np.float32),
+        held_out=np.asarray(data.unscale_images(splits.val, scale), np.float32), reference=reference,
+        seed=FLAGS.seed, batch_size=FLAGS.inception_batch_size, progress=True)
+    out["reference"] = None if reference is None else provenance.relative(FLAGS.reference)
+    return out
 
 
 def main(argv):
@@ -72,6 +133,9 @@ def main(argv):
                 raise SamplesError(f"--samples {FLAGS.samples}: {e}") from None
             if given.shape[0] < FLAGS.num:
                 raise ValueError(f"--samples {FLAGS.samples} holds {given.shape[0]} samples, fewer than --num={FLAGS.num}")
+        inception_weights = reference = None
+        if FLAGS.inception_weights or FLAGS.reference:  # checked before any sampling
+            inception_weights, reference = _inception_setup()
     except (ValueError, FileNotFoundError, CheckpointError) as e:
         cli.fail(str(e))
 
@@ -104,6 +168,10 @@ def main(argv):
     t0 = time.time()
     report = evaluate_samples(np.asarray(samples), splits, scale=run.data_scale, seed=FLAGS.seed, trajectory=traj)
     timing["metrics_s"] = time.time() - t0
+    if inception_weights is not None:
+        t0 = time.time()
+        report["inception"] = _inception_report(np.asarray(samples), splits, run.data_scale, inception_weights, reference)
+        timing["inception_s"] = time.time() - t0
     if given is None:
         drawn = {"step": run.step, "params": FLAGS.params, "sampler": {k: v for k, v in opts.items() if k != "clip_x0"},
                  "clip_x0": opts["clip_x0"], "sampling_seed": FLAGS.seed}
@@ -122,6 +190,10 @@ def main(argv):
     except OSError as e:
         cli.fail(os_error_line(e), cli.EXIT_WRITE_FAILED)
     print(format_report(report))
+    if "inception" in report:
+        from ddpm_jax.metrics import inception_metrics
+
+        print(inception_metrics.format_line(report["inception"]))
     print(f"-> {out}", flush=True)
 
 

@@ -11,6 +11,7 @@ Tolerances, and why:
 
 import os
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -229,6 +230,44 @@ def test_missing_or_corrupt_statistics_file(tmp_path):
     np.save(npy, np.zeros(3))
     with pytest.raises(ValueError, match="corrupt"):
         F.load_statistics(npy)
+
+
+# ----------------------------------------------------------------------------------------------
+# pytorch-fid's calculate_frechet_distance (sqrtm of the non-symmetric Σ1Σ2, real part taken)
+# ----------------------------------------------------------------------------------------------
+def _pytorch_fid(mu1, s1, mu2, s2):
+    from pytorch_fid.fid_score import calculate_frechet_distance
+
+    with warnings.catch_warnings():
+        # pytorch-fid calls scipy.linalg.sqrtm(..., disp=False), deprecated in SciPy 1.17 (removed
+        # in 1.18); under 1.17 it still returns (sqrtm, error estimate) as pytorch-fid expects.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return float(calculate_frechet_distance(mu1, s1, mu2, s2))
+
+
+@pytest.mark.parametrize("case", ["well_conditioned", "nearly_singular"])
+def test_equals_pytorch_fid(case):
+    """The symmetric form equals pytorch-fid's to 1e-6 relative, also where Σ1Σ2 has eigenvalues
+    that round-off makes slightly negative or complex (there sqrtm returns a complex matrix and
+    pytorch-fid keeps its real part)."""
+    pytest.importorskip("pytorch_fid")
+    rng = np.random.default_rng(11)
+    d = 256
+    a = rng.normal(size=(1000, d)) @ rng.normal(size=(d, d)) / 16
+    b = rng.normal(size=(1200, d)) @ rng.normal(size=(d, d)) / 16 + 0.1
+    if case == "nearly_singular":  # 8 features copy 8 others up to 1e-9: Σ has 8 eigenvalues ~1e-18
+        a[:, -8:] = a[:, :8] + 1e-9 * rng.normal(size=(1000, 8))
+        b[:, -8:] = b[:, :8] + 1e-9 * rng.normal(size=(1200, 8))
+    mu1, s1 = F.feature_statistics(a)
+    mu2, s2 = F.feature_statistics(b)
+    eig = np.linalg.eigvals(s1 @ s2)
+    if case == "nearly_singular":
+        assert eig.real.min() < 1e-12 * eig.real.max(), eig.real.min()  # at the round-off level (here < 0)
+    want = _pytorch_fid(mu1, s1, mu2, s2)
+    got = F.frechet_distance(mu1, s1, mu2, s2)
+    print(f"{case}: min Re eig(Σ1Σ2) {eig.real.min():.3g}, max |Im| {np.abs(eig.imag).max():.3g}; "
+          f"FID {got:.12g} vs pytorch-fid {want:.12g} (relative {abs(got / want - 1):.2g})")
+    assert got == pytest.approx(want, rel=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -38,7 +38,10 @@ direction. The traces are those of the clipped (nearest positive semi-definite) 
 result is ≥ 0 up to float64 rounding; a negative result within 1e-8·(Tr Σ1 + Tr Σ2) of 0 is
 rounding and is returned as 0.0 (anything more negative raises, it would be a bug). Where
 ``scipy.linalg.sqrtm`` is well defined (full-rank, well-conditioned covariances) the two agree to
-~1e-12 relative.
+~1e-12 relative. pytorch-fid's ``calculate_frechet_distance`` (the real part of
+``sqrtm(Σ1 Σ2)``, a non-symmetric product whose round-off eigenvalues may be negative or complex)
+gives the same value to 1e-6 relative, nearly singular covariances included (tests/test_fid.py);
+the Inception FID of :mod:`ddpm_jax.metrics.inception_metrics` is this function on pool3 statistics.
 
 Public API
 ----------
@@ -47,7 +50,7 @@ Public API
   fid_from_features(a, b) -> float
   pixel_features(images) -> (N, D) float32            (extractor "pixels", version PIXELS_VERSION)
   compute_statistics(features, extractor_id, extractor_version) -> dict
-  save_statistics(path, mu, sigma, n, extractor_id, extractor_version) -> path
+  save_statistics(path, mu, sigma, n, extractor_id, extractor_version, extra=None) -> path
   load_statistics(path) -> dict(mu, sigma, n, extractor_id, extractor_version)
   fid_from_statistics(s1, s2) -> float                (dicts or paths of saved statistics)
 """
@@ -55,7 +58,7 @@ Public API
 from __future__ import annotations
 
 import os
-from typing import Mapping, Tuple, Union
+from typing import Mapping, Optional, Tuple, Union
 
 import numpy as np
 
@@ -271,8 +274,12 @@ def compute_statistics(features, extractor_id: str, extractor_version) -> dict:
     }
 
 
-def save_statistics(path: PathLike, mu, sigma, n: int, extractor_id: str, extractor_version) -> str:
+def save_statistics(path: PathLike, mu, sigma, n: int, extractor_id: str, extractor_version,
+                    extra: Optional[Mapping[str, str]] = None) -> str:
     """Writes FID statistics to an ``.npz`` file (exactly at ``path``; atomically replaced).
+
+    The keys ``mu`` and ``sigma`` are those of pytorch-fid's and TTUR's statistics files, so they
+    read it as well.
 
     Args:
       path: destination file.
@@ -280,6 +287,8 @@ def save_statistics(path: PathLike, mu, sigma, n: int, extractor_id: str, extrac
       n: number of feature vectors they were computed from (≥ 2).
       extractor_id: names the feature extractor (e.g. :data:`PIXELS_ID`).
       extractor_version: its version (str or int; stored as str).
+      extra: further string entries to store (e.g. ``provenance`` as JSON text); their names must
+        not be those above.
 
     Returns:
       ``path`` as a string.
@@ -289,6 +298,10 @@ def save_statistics(path: PathLike, mu, sigma, n: int, extractor_id: str, extrac
         raise ValueError(f"n must be an integer ≥ 2 (the number of feature vectors), got {n!r}")
     extractor_id = _check_ident(extractor_id, "extractor_id")
     extractor_version = _check_ident(extractor_version, "extractor_version")
+    extra = dict(extra or {})
+    clash = sorted(set(extra) & set(_KEYS))
+    if clash or not all(isinstance(k, str) and isinstance(v, str) for k, v in extra.items()):
+        raise ValueError(f"extra must map new key names to strings (clashing: {clash})")
     path = os.fspath(path)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
@@ -301,6 +314,7 @@ def save_statistics(path: PathLike, mu, sigma, n: int, extractor_id: str, extrac
                 n=np.asarray(int(n), np.int64),
                 extractor_id=np.asarray(extractor_id),
                 extractor_version=np.asarray(extractor_version),
+                **{k: np.asarray(v) for k, v in extra.items()},
             )
         os.replace(tmp, path)
     finally:
