@@ -51,7 +51,7 @@ class StepConfig:
     """Static pieces of the step (hashable, closed over; not traced).
 
     apply_fn: the network's ``apply``; loss_fn: an objective from ``objectives.get_objective``;
-    tx: the optimiser; ema_decay: target EMA decay; time_input: 'index' | 'fraction';
+    tx: the optimiser; ema_decay: target EMA decay; time_input: one of models.TIME_INPUTS;
     accum_steps: micro-batches per step (``train.grad_accum_steps``; the batch must divide into them);
     label_dropout: the probability of training a class-conditional network on "no class" instead
     of an example's label (``train.label_dropout``, :func:`ddpm_jax.guidance.drop_labels`).

@@ -235,8 +235,10 @@ def count_params(params) -> Tuple[int, int]:
 
 
 #: How the integer step t is fed to the network: 'index' passes t itself (the notebook),
-#: 'fraction' passes t / T (so the Fourier features vary smoothly in t).
-TIME_INPUTS = ("index", "fraction")
+#: 'fraction' passes t / T (so the Fourier features vary smoothly in t), 'index_from_zero' passes
+#: t − 1 (networks trained with the steps counted 0..T−1, as the DDPM paper's code and diffusers
+#: count them: the checkpoints that :mod:`ddpm_jax.pretrained` imports).
+TIME_INPUTS = ("index", "fraction", "index_from_zero")
 
 
 def takes_train(apply_fn) -> bool:
@@ -269,6 +271,7 @@ def make_model_fn(apply_fn, params, *, time_input: str = "index", num_steps: int
     if time_input not in TIME_INPUTS:
         raise ValueError(f"unknown time_input {time_input!r}; expected one of {TIME_INPUTS}")
     scale = 1.0 / num_steps if time_input == "fraction" else 1.0
+    shift = 1.0 if time_input == "index_from_zero" else 0.0  # the network sees (t − shift) · scale
     variables = {"params": params}
 
     def labels(y):  # unconditional networks are called as before, without the argument
@@ -276,7 +279,7 @@ def make_model_fn(apply_fn, params, *, time_input: str = "index", num_steps: int
 
     if dropout_key is None or not takes_train(apply_fn):
         def model_fn(x, t, y=None):
-            return apply_fn(variables, x, jnp.asarray(t, jnp.float32) * scale, **labels(y))
+            return apply_fn(variables, x, (jnp.asarray(t, jnp.float32) - shift) * scale, **labels(y))
         return model_fn
 
     from ddpm_jax import rng  # noqa: PLC0415  (ddpm_jax.rng imports nothing of this package)
@@ -285,7 +288,7 @@ def make_model_fn(apply_fn, params, *, time_input: str = "index", num_steps: int
         return apply_fn(variables, x, t, train=True, rngs={"dropout": key}, **labels(y))
 
     def model_fn(x, t, y=None):
-        t = jnp.broadcast_to(jnp.asarray(t, jnp.float32) * scale, x.shape[:1])
+        t = jnp.broadcast_to((jnp.asarray(t, jnp.float32) - shift) * scale, x.shape[:1])
         if not rng.is_key_batch(dropout_key):
             return one(x, t, dropout_key, y)
         # each example on its own, with its own key (vmap batches the network back together)
