@@ -162,7 +162,9 @@ def test_every_results_file_records_its_provenance(path):
     from ddpm_jax import provenance
 
     text = _text(path)
-    if path.endswith(".jsonl"):  # benchmark output: the provenance is a line of its own
+    if path.endswith("provenance.jsonl"):  # a training run's: a record per command
+        blocks = [json.loads(line) for line in text.splitlines() if line.strip()]
+    elif path.endswith(".jsonl"):  # benchmark output: the provenance is a line of its own
         blocks = [json.loads(line)["provenance"] for line in text.splitlines() if '"provenance"' in line]
     else:
         blocks = [json.loads(text).get("provenance")]
