@@ -69,7 +69,11 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
 
     c.objective = ml_collections.ConfigDict()
     c.objective.name = "eps"
-    c.objective.weighting = "simple"  # L_simple
+    c.objective.weighting = "simple"  # L_simple | 'elbo' | 'min_snr' | 'p2' | 'edm' (ddpm_jax/weightings.py)
+    c.objective.min_snr_gamma = 5.0  # 'min_snr': min(SNR, γ) on the x_0 error (Hang et al. 2023: γ = 5)
+    c.objective.p2_k = 1.0  # 'p2': 1/(k + SNR)^γ on the ε error (Choi et al. 2022: k = 1, γ = 1 or 0.5)
+    c.objective.p2_gamma = 1.0
+    c.objective.edm_sigma_data = 0.5  # 'edm': (σ² + σ_data²)/(σ σ_data)² on the x_0 error, σ² = 1/SNR
     c.objective.reduction = "mean"
 
     c.optim = ml_collections.ConfigDict()

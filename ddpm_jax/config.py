@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numbers
 
-from ddpm_jax import data, objectives, sampling, schedules
+from ddpm_jax import data, objectives, sampling, schedules, weightings
 
 __all__ = ["ConfigError", "validate_config", "schedule_from_config", "sampler_options_from_config", "lookup", "REQUIRED_KEYS", "DTYPES"]
 
@@ -108,6 +108,19 @@ def schedule_from_config(config) -> "schedules.Schedule":
     return schedules.make_schedule(name, _get(config, "schedule.num_steps"), **schedules.schedule_kwargs(name, settings))
 
 
+#: The config keys of the SNR weightings' parameters (``ddpm_jax.weightings``), all optional.
+WEIGHTING_KEYS = {"min_snr": {"gamma": "objective.min_snr_gamma"},
+                  "p2": {"k": "objective.p2_k", "gamma": "objective.p2_gamma"},
+                  "edm": {"sigma_data": "objective.edm_sigma_data"}}
+
+
+def weighting_params_from_config(config) -> dict:
+    """The parameters of ``objective.weighting`` from their optional keys (:data:`WEIGHTING_KEYS`;
+    absent keys take the papers' defaults); ``{}`` for 'elbo' and 'simple'."""
+    keys = WEIGHTING_KEYS.get(_get(config, "objective.weighting"), {})
+    return {name: _get(config, key) for name, key in keys.items() if _get(config, key, None) is not None}
+
+
 def sampler_options_from_config(config) -> dict:
     """The config's sampler as keyword arguments of :func:`ddpm_jax.sampling.sample`: ``method``,
     ``num_steps`` (None: every step), ``eta``, ``ddpm_variance``, ``parameterisation`` (what the
@@ -203,7 +216,13 @@ def validate_config(config) -> None:
         raise ConfigError(f"config.model.dtype = {_get(config, 'model').get('dtype')!r}: must be one of {list(DTYPES)}")
 
     name = _choice(config, "objective.name", objectives.OBJECTIVES)
-    _choice(config, "objective.weighting", objectives.WEIGHTINGS)
+    weighting = _choice(config, "objective.weighting", objectives.WEIGHTINGS)
+    if weighting in WEIGHTING_KEYS:
+        try:
+            weightings.check_params(weighting, weighting_params_from_config(config))
+        except ValueError as e:
+            key = next((k for p, k in WEIGHTING_KEYS[weighting].items() if f": {p} " in str(e)), "objective.weighting")
+            raise ConfigError(f"config.{key}: {e}") from None
     _choice(config, "objective.reduction", objectives.REDUCTIONS)
     if rho and objectives.PREDICTS[name] != "mean":
         raise ConfigError(

@@ -30,7 +30,10 @@ name        network predicts  per-example term (w_t = weight, ‖·‖² summed 
 ``weighting='elbo'`` is, for every parameterisation, the weight that makes the term equal to the
 Gaussian KL term of the variational bound with reverse variance σ_t² = β_t = 1 − α_t (the
 source's choice): ‖μ̃_t − μ_θ‖² / (2β_t) written in that parameterisation (see
-:func:`elbo_weight`). ``weighting`` may also be a callable ``(schedule, t) -> (B,)``.
+:func:`elbo_weight`). 'min_snr', 'p2' and 'edm' are the literature's weightings as functions of
+SNR(t), the same loss example by example in every parameterisation (:mod:`ddpm_jax.weightings`;
+their parameters through ``get_objective(..., weighting_params=)``). ``weighting`` may also be a
+callable ``(schedule, t) -> (B,)``.
 
 On ``reduction='mean'`` (the notebook's "per-pixel mean reduces the estimator's variance by 1/d"):
 the per-pixel mean is the per-pixel sum divided by the constant d, so the loss estimator's
@@ -49,7 +52,7 @@ from typing import Callable, Dict, Tuple, Union
 
 import jax.numpy as jnp
 
-from ddpm_jax import diffusion, rng
+from ddpm_jax import diffusion, rng, weightings
 from ddpm_jax.schedules import Schedule
 
 __all__ = [
@@ -70,7 +73,7 @@ __all__ = [
 ModelFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
 Weighting = Union[str, Callable[[Schedule, jnp.ndarray], jnp.ndarray]]
 
-WEIGHTINGS = ("elbo", "simple")
+WEIGHTINGS = ("elbo", "simple") + weightings.SNR_WEIGHTINGS
 REDUCTIONS = ("sum", "mean")
 
 
@@ -114,6 +117,8 @@ def _weight(weighting: Weighting, schedule: Schedule, t, parameterisation: str) 
         return elbo_weight(schedule, t, parameterisation)
     if weighting == "simple":
         return jnp.ones(t.shape, schedule.betas.dtype)
+    if weighting in weightings.SNR_WEIGHTINGS:  # with the papers' default parameters
+        return weightings.snr_weight(weighting, schedule, t, parameterisation)
     raise ValueError(f"unknown weighting {weighting!r}; expected one of {WEIGHTINGS} or a callable")
 
 
@@ -254,14 +259,17 @@ OBJECTIVES: Dict[str, Callable[..., Tuple[jnp.ndarray, Dict[str, jnp.ndarray]]]]
 PREDICTS: Dict[str, str] = {"xprev": "mean", "mean": "mean", "x0": "x0", "eps": "eps", "v": "v"}
 
 
-def get_objective(name: str, *, weighting: Weighting | None = None, reduction: str = "sum"):
+def get_objective(name: str, *, weighting: Weighting | None = None, reduction: str = "sum",
+                  weighting_params: Dict[str, float] | None = None):
     """The objective ``name`` with its options bound, checked now rather than under jit.
 
     Args:
       name: one of :data:`OBJECTIVES` ('xprev', 'mean', 'x0', 'eps', 'v').
-      weighting: 'elbo', 'simple', a callable ``(schedule, t) -> (B,)``, or None for the
-        objective's default ('elbo' for 'xprev' and 'mean', 'simple' otherwise).
+      weighting: 'elbo', 'simple', 'min_snr', 'p2', 'edm', a callable ``(schedule, t) -> (B,)``,
+        or None for the objective's default ('elbo' for 'xprev' and 'mean', 'simple' otherwise).
       reduction: 'sum' or 'mean' over the non-batch axes.
+      weighting_params: the parameters of 'min_snr' (gamma), 'p2' (k, gamma) or 'edm'
+        (sigma_data); missing ones take :data:`ddpm_jax.weightings.DEFAULTS`.
 
     Returns:
       ``fn(model_fn, schedule, x0, key, t=None) -> (loss, aux)``.
@@ -275,6 +283,12 @@ def get_objective(name: str, *, weighting: Weighting | None = None, reduction: s
         raise ValueError(f"unknown weighting {weighting!r}; expected one of {WEIGHTINGS} or a callable")
     if reduction not in REDUCTIONS:
         raise ValueError(f"unknown reduction {reduction!r}; expected one of {REDUCTIONS}")
+    if weighting in weightings.SNR_WEIGHTINGS:
+        params = weightings.check_params(weighting, dict(weighting_params or {}))
+        parameterisation, snr_name = PREDICTS[name], weighting
+        weighting = lambda schedule, t: weightings.snr_weight(snr_name, schedule, t, parameterisation, **params)  # noqa: E731
+    elif weighting_params:
+        raise ValueError(f"weighting_params are for {weightings.SNR_WEIGHTINGS}, not weighting {weighting!r}")
     kw = {"reduction": reduction}
     if weighting is not None:
         kw["weighting"] = weighting

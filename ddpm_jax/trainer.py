@@ -29,7 +29,8 @@ import numpy as np
 
 from ddpm_jax import data, objectives, platform_profile, plots, provenance, sampling
 from ddpm_jax.checkpointing import Checkpointer, read_config_json, remove_partial_checkpoints, write_config_json
-from ddpm_jax.config import ConfigError, sampler_options_from_config, schedule_from_config, validate_config
+from ddpm_jax.config import (ConfigError, sampler_options_from_config, schedule_from_config, validate_config,
+                             weighting_params_from_config)
 from ddpm_jax.files import check_writable
 from ddpm_jax.models import count_params, describe_model, make_model_fn, model_from_config
 from ddpm_jax.resume import RESUME_MUST_MATCH, check_resume_compatible, lock_workdir, log, restore
@@ -150,7 +151,8 @@ def _build_step(config, image_shape, steps_per_epoch: int):
         f"T={config.schedule.num_steps}; compute dtype {config.model.get('dtype', 'float32')}")
     tx = make_optimizer(config.optim, steps_per_epoch=steps_per_epoch, params=params)
     loss_fn = objectives.get_objective(config.objective.name, weighting=config.objective.weighting,
-                                       reduction=config.objective.reduction)
+                                       reduction=config.objective.reduction,
+                                       weighting_params=weighting_params_from_config(config))
     step_cfg = StepConfig(apply_fn=model.apply, loss_fn=loss_fn, tx=tx, ema_decay=config.train.ema_decay,
                           time_input=config.model.time_input, accum_steps=config.train.get("grad_accum_steps", 1),
                           label_dropout=config.train.get("label_dropout", 0.0))

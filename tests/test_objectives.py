@@ -231,7 +231,7 @@ class TestPerPixelMeanReduction:
     "kwargs,fragment",
     [
         (dict(name="score"), "valid objectives: ['eps', 'mean', 'v', 'x0', 'xprev']"),
-        (dict(name="eps", weighting="snr"), "('elbo', 'simple')"),
+        (dict(name="eps", weighting="snr"), "('elbo', 'simple', 'min_snr', 'p2', 'edm')"),
         (dict(name="eps", reduction="max"), "('sum', 'mean')"),
     ],
 )
