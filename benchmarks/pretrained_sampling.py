@@ -38,13 +38,16 @@ CIFAR10_SCHEDULER = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.0
                          variance_type="fixed_large", clip_sample=True)
 
 
-def write_random_folder(path: str, seed: int = 0) -> str:
-    """A diffusers folder with the CIFAR-10 layout and weights drawn from a seeded normal."""
+def seeded_unet(config: dict, seed: int = 0):
+    """diffusers' ``UNet2DModel(**config)`` with every tensor drawn from a seeded normal: weights
+    with std 1/√fan_in (activations stay O(1)), biases N(0, 0.1²), GroupNorm scales N(1, 0.1²)."""
     import torch
-    from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers import UNet2DModel
 
     torch.manual_seed(seed)
-    model = UNet2DModel(**CIFAR10).eval()
+    model = UNet2DModel(**config).eval()
+    if len(model.state_dict()) != len(list(model.parameters())):  # a buffer would keep its default
+        raise RuntimeError("UNet2DModel has tensors that are not parameters; they would not be drawn")
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(".bias"):
@@ -53,7 +56,14 @@ def write_random_folder(path: str, seed: int = 0) -> str:
                 p.normal_(1.0, 0.1)
             else:
                 p.normal_(0.0, 1.0 / math.sqrt(p[0].numel()))
-    model.save_pretrained(path)
+    return model
+
+
+def write_random_folder(path: str, seed: int = 0) -> str:
+    """A diffusers folder with the CIFAR-10 layout and weights drawn from a seeded normal."""
+    from diffusers import DDPMScheduler
+
+    seeded_unet(CIFAR10, seed).save_pretrained(path)
     DDPMScheduler(**CIFAR10_SCHEDULER).save_pretrained(path)
     return path
 

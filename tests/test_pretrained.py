@@ -17,7 +17,6 @@ off-by-one in the time index alone moves the output by ~5e-2 (checked below).
 
 import copy
 import json
-import math
 import os
 import shlex
 import shutil
@@ -29,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler
 from safetensors.numpy import load_file, save_file
 
 from ddpm_jax import pretrained, sampling
@@ -40,19 +39,12 @@ from ddpm_jax.runs import load_run
 from helpers import REPO, cpu_env, run_module
 
 sys.path.insert(0, REPO)
+from benchmarks.pretrained_sampling import CIFAR10, CIFAR10_SCHEDULER, seeded_unet  # noqa: E402  (google/ddpm-cifar10-32)
 from configs import cifar10, ddpm_256  # noqa: E402
 
 #: output tolerance relative to max |diffusers' output|, derived in the module docstring
 REL_TOL = 1e-4
 
-#: google/ddpm-cifar10-32 and google/ddpm-ema-cifar10-32
-CIFAR10 = dict(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256),
-               layers_per_block=2, down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-               up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), attention_head_dim=None,
-               norm_eps=1e-6, norm_num_groups=32, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1,
-               act_fn="silu")
-CIFAR10_SCHEDULER = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
-                         variance_type="fixed_large", clip_sample=True)
 #: the 256×256 family's block structure (google/ddpm-*-256: (128, 128, 256, 256, 512, 512), attention
 #: at the 5th level, 16×16 of 256) at a quarter of the width and 64×64, where the 5th level is 4×4
 REDUCED_256 = dict(CIFAR10, sample_size=64, block_out_channels=(32, 32, 64, 64, 128, 128), norm_num_groups=8,
@@ -73,23 +65,6 @@ class _Block(importlib.abc.MetaPathFinder):
             raise ModuleNotFoundError(f'blocked: {name}')
 sys.meta_path.insert(0, _Block())
 """
-
-
-def seeded_unet(config, seed=0):
-    """diffusers' UNet2DModel(**config) with every tensor drawn from a seeded normal: weights with
-    std 1/√fan_in (activations stay O(1)), biases N(0, 0.1²), GroupNorm scales N(1, 0.1²)."""
-    torch.manual_seed(seed)
-    model = UNet2DModel(**config).eval()
-    assert len(model.state_dict()) == len(list(model.parameters()))  # no buffers: every tensor is drawn
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(".bias"):
-                p.normal_(0.0, 0.1)
-            elif p.ndim == 1:
-                p.normal_(1.0, 0.1)
-            else:
-                p.normal_(0.0, 1.0 / math.sqrt(p[0].numel()))
-    return model
 
 
 def write_folder(path, model, scheduler, *, pipeline=False):
