@@ -618,17 +618,17 @@ def check_new_workdir(workdir: str) -> str:
 def initial_state(imported: Imported):
     """``(TrainState, meta)`` of step 0 as the trainer builds them (``ddpm_jax.trainer``): params
     and EMA params both the imported weights, the recipe's optimiser freshly initialised, the run's
-    base key ``split(PRNGKey(seed), 4)[1]``; meta with the image shape and the import's ``info``."""
+    training key (:func:`ddpm_jax.rng.run_keys`); meta with the image shape and the import's ``info``."""
     import jax  # noqa: PLC0415
 
-    from ddpm_jax import data  # noqa: PLC0415
+    from ddpm_jax import data, rng  # noqa: PLC0415
     from ddpm_jax.train_state import create_train_state, make_optimizer  # noqa: PLC0415
 
     config = imported.config
     params = jax.tree_util.tree_map(jax.numpy.asarray, imported.params)
     spe = data.steps_per_epoch(int(config.data.train_size), int(config.train.batch_size))
     tx = make_optimizer(config.optim, steps_per_epoch=spe, params=params)
-    _, train_key, _, _ = jax.random.split(jax.random.PRNGKey(config.seed), 4)  # trainer._set_up's split
+    train_key = rng.run_keys(config.seed)[1]  # as ddpm_jax.trainer starts a run
     state = create_train_state(params, tx, train_key)
     meta = {"step": 0, "epoch": 0, "step_in_epoch": 0, "steps_per_epoch": spe, "image_shape": list(imported.image_shape),
             "wall_seconds": 0.0, "imported": dict(imported.info)}

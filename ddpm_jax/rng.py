@@ -15,7 +15,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["is_key_batch", "per_example_keys", "split", "normal", "randint"]
+__all__ = ["is_key_batch", "per_example_keys", "split", "normal", "randint", "run_keys"]
+
+
+def run_keys(seed: int):
+    """A run's four base keys from its ``config.seed``: ``(init, train, sample, eval)`` — the
+    network's initialisation, the training steps, the sample grids and the evaluation."""
+    init, train, sample, evaluation = jax.random.split(jax.random.PRNGKey(seed), 4)
+    return init, train, sample, evaluation
 
 
 def is_key_batch(key) -> bool:

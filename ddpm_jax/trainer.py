@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import data, objectives, platform_profile, plots, provenance, sampling
+from ddpm_jax import data, objectives, platform_profile, plots, provenance, rng, sampling
 from ddpm_jax.checkpointing import Checkpointer, read_config_json, remove_partial_checkpoints, write_config_json
 from ddpm_jax.config import (ConfigError, sampler_options_from_config, schedule_from_config, validate_config,
                              weighting_params_from_config)
@@ -143,7 +143,7 @@ class _Run:
 def _build_step(config, image_shape, steps_per_epoch: int):
     """(model, initial params, StepConfig, Parallel) for the config."""
     model = model_from_config(config.model, image_shape)
-    init_key = jax.random.split(jax.random.PRNGKey(config.seed), 4)[0]
+    init_key = rng.run_keys(config.seed)[0]
     params = jax.jit(model.init)(init_key, jnp.zeros((1,) + image_shape), jnp.ones((1,)))["params"]
     total, trainable = count_params(params)
     log(f"model: {describe_model(config.model)} params={total:,} (trainable {trainable:,}); "
@@ -227,7 +227,7 @@ def _set_up(config, workdir: str, arrays, restore_step: Optional[int]) -> _Run:
 
     image_shape = splits.image_shape
     model, params, step_cfg, par = _build_step(config, image_shape, spe)
-    _, train_key, sample_key, eval_key = jax.random.split(jax.random.PRNGKey(config.seed), 4)
+    _, train_key, sample_key, eval_key = rng.run_keys(config.seed)
     state = create_train_state(params, step_cfg.tx, train_key)
     # jit: restore straight into the replicated (global, with several hosts) layout; pmap: on the host.
     state = par.put_state(state) if par.mode == "jit" else state
