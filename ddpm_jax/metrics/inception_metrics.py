@@ -272,15 +272,13 @@ def load_statistics(path) -> Dict[str, Any]:
     try:
         with np.load(path, allow_pickle=False) as z:
             keys = set(z.files)
-            if "format" in keys:
-                pass
-            elif {"mu", "sigma"} <= keys:
+            if "format" not in keys:
+                if not {"mu", "sigma"} <= keys:
+                    raise ValueError(f"keys {sorted(keys)}; expected 'mu' and 'sigma'")
                 mu, sigma = z["mu"], z["sigma"]
-            else:
-                raise ValueError(f"keys {sorted(keys)}; expected 'mu' and 'sigma'")
     except Exception as e:  # noqa: BLE001  (np.load raises many types on a foreign file)
         raise ValueError(f"statistics file {path} is not an .npz of FID statistics ({type(e).__name__}: {e})") from None
-    if "format" in keys:
+    if "format" in keys:  # this project's file: fid.load_statistics reads and checks it
         return fid.load_statistics(path)
     try:
         mu, sigma = fid._check_mu_sigma(mu, sigma, "")  # noqa: SLF001  (the same validation as fid's files)
@@ -326,7 +324,8 @@ def sample_metrics(gen: Dict[str, np.ndarray], weights_sha256: str, *, reference
         if reference.get("n") is not None:
             out["reference_n"] = int(reference["n"])
     if real is not None and reference is None:
-        out["fid"]["vs_real"] = fid.fid_from_features(gen["pool3"], real)
+        out["fid"]["vs_real"] = fid.fid_from_statistics(
+            g_stats, fid.compute_statistics(real, inception.EXTRACTOR_ID, weights_sha256))
     out["inception_score"] = inception_score(gen["logits_unbiased"], splits=min(10, n))
     if real is not None:
         out["num_real"] = int(real.shape[0])
