@@ -2,6 +2,7 @@
 resolves inside the repository, and the pages stay short enough to read."""
 
 import glob
+import json
 import os
 import re
 
@@ -88,9 +89,9 @@ def _numbers(obj):
 def _file_numbers(path):
     text = open(path, encoding="utf-8").read()
     if path.endswith(".json"):
-        return list(_numbers(__import__("json").loads(text)))
+        return list(_numbers(json.loads(text)))
     if path.endswith(".jsonl"):
-        return [v for line in text.splitlines() if line.strip() for v in _numbers(__import__("json").loads(line))]
+        return [v for line in text.splitlines() if line.strip() for v in _numbers(json.loads(line))]
     return [float(m.replace(",", "")) for m in re.findall(r"\d[\d,]*(?:\.\d+)?", text)]
 
 
@@ -157,8 +158,6 @@ def _results_files():
 
 @pytest.mark.parametrize("path", [p for p in _results_files() if not p.endswith(RUN_RECORDS)])
 def test_every_results_file_records_its_provenance(path):
-    import json
-
     from ddpm_jax import provenance
 
     text = _text(path)
