@@ -128,12 +128,15 @@ class Checkpointer:
 
     def restore(self, target, step: Optional[int] = None) -> Tuple[Any, Dict[str, Any]]:
         """Restores ``step`` (default: the latest) into the structure, shapes and shardings of
-        ``target`` (a state or its ``jax.eval_shape``). Raises :class:`CheckpointMismatchError`
+        ``target`` (a state or its ``jax.eval_shape``, or a function of :meth:`saved_fields` that
+        returns one). Raises :class:`CheckpointMismatchError`
         when the arrays cannot be this model's, :class:`CheckpointError` when the checkpoint
         cannot be read (damaged); each with one line naming the problem."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"no checkpoint in {self.directory}")
+        if callable(target):  # a target that depends on what the checkpoint holds
+            target = target(self.saved_fields(step))
         abstract = jax.tree_util.tree_map(_with_sharding, target)
         self._check_saved_shapes(abstract, step)
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
@@ -172,6 +175,15 @@ class Checkpointer:
             return state, meta, step, failed
         raise CheckpointError(f"none of the {len(steps)} checkpoints in {self.directory} can be restored "
                               f"(newest: {failed[steps[-1]]}); nothing was changed")
+
+    def saved_fields(self, step: int) -> Dict[str, Any]:
+        """The top level of the saved state's tree at ``step``: field name -> its subtree of array
+        metadata (each leaf with ``shape`` and ``dtype``); ``{}`` when the metadata cannot be read."""
+        try:
+            tree = self._manager.item_metadata(step)["state"].tree
+        except Exception:  # unreadable metadata: restore reports it
+            return {}
+        return dict(tree) if isinstance(tree, dict) else {}
 
     def _check_saved_shapes(self, abstract, step: int) -> None:
         """Raises :class:`CheckpointMismatchError` before any array is read when the checkpoint's

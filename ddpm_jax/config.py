@@ -10,7 +10,8 @@ import numbers
 
 from ddpm_jax import data, objectives, sampling, schedules, weightings
 
-__all__ = ["ConfigError", "validate_config", "schedule_from_config", "sampler_options_from_config", "lookup", "REQUIRED_KEYS", "DTYPES"]
+__all__ = ["ConfigError", "validate_config", "schedule_from_config", "sampler_options_from_config", "lookup", "REQUIRED_KEYS", "DTYPES",
+           "TRAIN_DEFAULTS", "train_option"]
 
 #: Keys the rest of the project relies on.
 REQUIRED_KEYS = (
@@ -137,6 +138,54 @@ def sampler_options_from_config(config) -> dict:
     return opts
 
 
+#: Training options a config may leave out (configs written before they existed): key -> default.
+TRAIN_DEFAULTS = {
+    "t_sampling": "uniform",  # ddpm_jax.timestep_sampling: 'uniform' | 'log_normal' | 'importance'
+    "t_log_normal_mean": -1.2,  # 'log_normal': ln σ ~ N(mean, std²) (Karras et al. 2022)
+    "t_log_normal_std": 1.2,
+    "t_importance_history": 10,  # 'importance': terms kept per t (Nichol & Dhariwal 2021)
+    "t_importance_uniform": 1e-3,  # 'importance': the uniform share mixed in
+    "ema": "constant",  # 'constant': ema_decay (warmed up) | 'power': EDM2's profile of width ema_sigma_rel
+    "ema_sigma_rel": 0.1,
+    "ema_snapshot_sigma_rels": (),  # power EMAs tracked beside, saved with each checkpoint for experiments.posthoc_ema
+}
+
+
+def train_option(config, key: str):
+    """``config.train.<key>``, or its :data:`TRAIN_DEFAULTS` value when the config has no such key."""
+    return _get(config, "train").get(key, TRAIN_DEFAULTS[key])
+
+
+def _check_training_options(config) -> None:
+    from ddpm_jax import ema, timestep_sampling  # noqa: PLC0415
+
+    train = _get(config, "train")
+    for key in ("t_sampling", "ema"):
+        if key not in train:
+            continue
+        choices = timestep_sampling.T_SAMPLINGS if key == "t_sampling" else ("constant", "power")
+        _choice(config, f"train.{key}", choices)
+    if "t_log_normal_mean" in train:
+        _float(config, "train.t_log_normal_mean")
+    if "t_log_normal_std" in train:
+        _float(config, "train.t_log_normal_std", low=0.0, low_open=True)
+    if "t_importance_history" in train:
+        _int(config, "train.t_importance_history", minimum=1)
+    if "t_importance_uniform" in train:
+        _float(config, "train.t_importance_uniform", 0.0, 1.0, low_open=True)
+    rels = train_option(config, "ema_snapshot_sigma_rels")
+    if not isinstance(rels, (tuple, list)) or any(isinstance(v, bool) or not isinstance(v, numbers.Real) for v in rels):
+        raise ConfigError(f"config.train.ema_snapshot_sigma_rels = {rels!r}: must be a sequence of numbers (e.g. (0.05, 0.1))")
+    if len(set(rels)) != len(rels):
+        raise ConfigError(f"config.train.ema_snapshot_sigma_rels = {rels!r}: each value once")
+    for key, values in (("ema_sigma_rel", [train_option(config, "ema_sigma_rel")]), ("ema_snapshot_sigma_rels", rels)):
+        for v in values:
+            try:
+                ema.gamma_from_sigma_rel(float(v))
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"config.train.{key}: {e}") from None
+
+
 def validate_config(config) -> None:
     """Checks every key's type and range, and the combinations that must agree.
 
@@ -248,6 +297,7 @@ def validate_config(config) -> None:
     num_steps = _int(config, "train.num_steps", minimum=0)
     _int(config, "train.num_epochs", minimum=0 if num_steps > 0 else 1)
     _float(config, "train.ema_decay", 0.0, 1.0, high_open=True)
+    _check_training_options(config)
     _choice(config, "train.parallel", PARALLEL)
     _int(config, "train.log_every_steps", minimum=1)
     _int(config, "train.max_nonfinite_steps", minimum=1)

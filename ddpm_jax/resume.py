@@ -112,6 +112,10 @@ def restore(config, workdir: str, ckpt_dir: str, state, restore_step: Optional[i
     if not steps:
         return state, 0, ckpt, {}
     damaged = {}
+    from ddpm_jax.train_state import fit_to_saved  # noqa: PLC0415
+
+    fresh = state
+    state = lambda saved: fit_to_saved(fresh, saved)  # noqa: E731  # whatever options the checkpoint was trained with
     if restore_step is not None:
         state, meta = ckpt.restore(state, restore_step)
         start = restore_step

@@ -21,7 +21,7 @@ from ddpm_jax.checkpointing import CheckpointError, Checkpointer, read_config_js
 from ddpm_jax.config import sampler_options_from_config, schedule_from_config
 from ddpm_jax.models import make_model_fn, model_from_config
 from ddpm_jax.schedules import Schedule
-from ddpm_jax.train_state import create_train_state, make_optimizer
+from ddpm_jax.train_state import create_train_state, fit_to_saved, make_optimizer
 
 __all__ = ["Run", "load_run", "sampling_tag"]
 
@@ -172,7 +172,8 @@ def _restore(ckpt: Checkpointer, config, step: int):
         tx = make_optimizer(config.optim, steps_per_epoch=int(meta["steps_per_epoch"]), params=params)
         return create_train_state(params, tx, jax.random.PRNGKey(0))
 
-    state, _ = ckpt.restore(jax.eval_shape(abstract_state), step)
+    abstract = jax.eval_shape(abstract_state)
+    state, _ = ckpt.restore(lambda saved: fit_to_saved(abstract, saved), step)  # with whatever options it was trained with
     return model, image_shape, state, meta
 
 

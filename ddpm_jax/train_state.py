@@ -2,7 +2,11 @@
 
 ``TrainState`` holds everything a run needs to continue bit for bit: params, optimiser state,
 EMA params, the step and the run's base PRNG key (per-step keys are ``fold_in(rng, step)``;
-the data position is a function of the step, see :mod:`ddpm_jax.data`).
+the data position is a function of the step, see :mod:`ddpm_jax.data`), and two optional parts
+that only some configs have (None otherwise): the importance sampler's history of loss terms
+(``train.t_sampling='importance'``, :mod:`ddpm_jax.timestep_sampling`) and the power EMAs tracked
+for post-hoc EMA (``train.ema_snapshot_sigma_rels``, :mod:`ddpm_jax.ema`), a dict
+``{sigma_rel key: params}``.
 """
 
 from __future__ import annotations
@@ -16,19 +20,31 @@ import optax
 
 from ddpm_jax.models import param_labels
 
-__all__ = ["TrainState", "make_lr_schedule", "make_optimizer", "create_train_state", "ema_decay_at", "ema_update"]
+__all__ = ["TrainState", "OPTIONAL_FIELDS", "track_key", "make_lr_schedule", "make_optimizer", "create_train_state", "ema_decay_at", "ema_update"]
 
 
 @flax.struct.dataclass
 class TrainState:
     """step: int32 scalar (updates applied so far); params, opt_state, ema_params: pytrees;
-    rng: the run's base key, uint32 ``(2,)``."""
+    rng: the run's base key, uint32 ``(2,)``; t_history: a ``timestep_sampling.History`` or None;
+    ema_tracks: ``{track_key(σ_rel): params}`` or None."""
 
     step: jnp.ndarray
     params: Any
     opt_state: Any
     ema_params: Any
     rng: jnp.ndarray
+    t_history: Any = None
+    ema_tracks: Any = None
+
+
+#: The fields a state may lack (None): which ones a run has depends on its config.
+OPTIONAL_FIELDS = ("t_history", "ema_tracks")
+
+
+def track_key(sigma_rel: float) -> str:
+    """The ``ema_tracks`` key of the power EMA of width ``sigma_rel`` (e.g. 'sigma_rel_0.05')."""
+    return f"sigma_rel_{float(sigma_rel):g}"
 
 
 def make_lr_schedule(base_lr: float, *, steps_per_epoch: int, decay_factor: float = 0.1, decay_every_epochs: int = 0, warmup_steps: int = 0) -> optax.Schedule:
@@ -74,14 +90,17 @@ def make_optimizer(optim_config, *, steps_per_epoch: int, params) -> optax.Gradi
     return tx
 
 
-def create_train_state(params, tx: optax.GradientTransformation, rng) -> TrainState:
-    """Step 0: EMA params start equal to the params."""
+def create_train_state(params, tx: optax.GradientTransformation, rng, *, t_history=None, ema_track_keys=()) -> TrainState:
+    """Step 0: EMA params (and each tracked power EMA in ``ema_track_keys``) start equal to the
+    params; ``t_history``: the importance sampler's empty history, or None."""
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         opt_state=tx.init(params),
         ema_params=jax.tree_util.tree_map(jnp.copy, params),
         rng=jnp.asarray(rng, jnp.uint32),
+        t_history=t_history,
+        ema_tracks={k: jax.tree_util.tree_map(jnp.copy, params) for k in ema_track_keys} or None,
     )
 
 
@@ -95,3 +114,29 @@ def ema_decay_at(step, decay: float):
 def ema_update(ema_params, params, decay):
     """ema ← decay · ema + (1 − decay) · params, leaf by leaf."""
     return jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)
+
+
+def fit_to_saved(state: TrainState, saved: dict) -> TrainState:
+    """``state`` (or its abstract form) with the optional fields made to match a checkpoint's:
+    a field the checkpoint lacks becomes None; one it holds is built from the saved shapes
+    (``saved``: :meth:`ddpm_jax.checkpointing.Checkpointer.saved_fields`), so a checkpoint restores
+    whatever options it was trained with. ``saved`` empty (unreadable metadata): unchanged."""
+    if not saved:
+        return state
+    from ddpm_jax.timestep_sampling import History  # noqa: PLC0415
+
+    def abstract(x):
+        return jax.ShapeDtypeStruct(tuple(x.shape), x.dtype)
+
+    history = saved.get("t_history")
+    if isinstance(history, dict) and {"terms", "count"} <= set(history):
+        history = History(terms=abstract(history["terms"]), count=abstract(history["count"]))
+    else:
+        history = None
+    tracks = saved.get("ema_tracks")
+    if isinstance(tracks, dict) and tracks:
+        like = jax.tree_util.tree_map(abstract, state.params)
+        tracks = {k: like for k in tracks}
+    else:
+        tracks = None
+    return state.replace(t_history=history, ema_tracks=tracks)

@@ -34,7 +34,8 @@ import optax
 from jax.flatten_util import ravel_pytree
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ddpm_jax import guidance, rng, sharding
+from ddpm_jax import ema as ema_lib
+from ddpm_jax import guidance, rng, sharding, timestep_sampling
 from ddpm_jax.models import make_model_fn, takes_train
 from ddpm_jax.schedules import Schedule
 from ddpm_jax.train_state import TrainState, ema_decay_at, ema_update
@@ -54,7 +55,11 @@ class StepConfig:
     tx: the optimiser; ema_decay: target EMA decay; time_input: one of models.TIME_INPUTS;
     accum_steps: micro-batches per step (``train.grad_accum_steps``; the batch must divide into them);
     label_dropout: the probability of training a class-conditional network on "no class" instead
-    of an example's label (``train.label_dropout``, :func:`ddpm_jax.guidance.drop_labels`).
+    of an example's label (``train.label_dropout``, :func:`ddpm_jax.guidance.drop_labels`);
+    t_sampling, t_log_normal (mean, std of ln σ), t_importance_uniform: how t is drawn
+    (:mod:`ddpm_jax.timestep_sampling`); ema_gamma: None for the constant (warmed-up) ``ema_decay``,
+    else the power EMA's γ (:func:`ddpm_jax.ema.power_decay`); ema_track_gammas: ``(key, γ)`` of
+    each power EMA tracked in ``state.ema_tracks``.
     """
 
     apply_fn: Callable
@@ -64,6 +69,11 @@ class StepConfig:
     time_input: str = "index"
     accum_steps: int = 1
     label_dropout: float = 0.0
+    t_sampling: str = "uniform"
+    t_log_normal: Tuple[float, float] = (-1.2, 1.2)
+    t_importance_uniform: float = 1e-3
+    ema_gamma: Optional[float] = None
+    ema_track_gammas: Tuple[Tuple[str, float], ...] = ()
 
 
 def as_batch(images, *, first_id=0, total: Optional[int] = None) -> Dict[str, Any]:
@@ -76,10 +86,15 @@ def as_batch(images, *, first_id=0, total: Optional[int] = None) -> Dict[str, An
             "weight": jnp.full((b,), 1.0 / (total or b), jnp.float32)}
 
 
-def _loss_and_grads(cfg: StepConfig, params, schedule: Schedule, batch, step_key):
-    """(Σ_i weight_i ℓ_i, its gradient) on one (micro-)batch dict."""
+def _loss_and_grads(cfg: StepConfig, params, schedule: Schedule, batch, step_key, probs=None):
+    """((Σ_i weight_i c_i ℓ_i, (ℓ, t)), its gradient) on one (micro-)batch dict: ℓ ``(B,)`` the
+    objective's terms and t ``(B,)`` their time steps; c_i = 1 and t drawn by the objective when
+    ``probs`` is None, else t ~ ``probs`` with the sampler's factor c (:mod:`ddpm_jax.timestep_sampling`)."""
     ids = batch["example_id"]
     keys = rng.per_example_keys(step_key, ids)
+    t, factor = None, None
+    if probs is not None:
+        t, factor = timestep_sampling.draw(keys, ids.shape[0], probs, correct=cfg.t_sampling == "importance")
     dropout_keys = None
     if takes_train(cfg.apply_fn):
         dropout_keys = rng.per_example_keys(jax.random.fold_in(step_key, DROPOUT_STREAM), ids)
@@ -91,30 +106,35 @@ def _loss_and_grads(cfg: StepConfig, params, schedule: Schedule, batch, step_key
     def loss(p):
         net = make_model_fn(cfg.apply_fn, p, time_input=cfg.time_input, num_steps=schedule.num_steps,
                             dropout_key=dropout_keys)
-        _, aux = cfg.loss_fn(guidance.with_labels(net, labels), schedule, batch["image"], keys)
-        return jnp.sum(aux["per_example"] * batch["weight"])
+        _, aux = cfg.loss_fn(guidance.with_labels(net, labels), schedule, batch["image"], keys, t=t)
+        terms = aux["per_example"]
+        weighted = terms if factor is None else terms * factor
+        return jnp.sum(weighted * batch["weight"]), (jax.lax.stop_gradient(terms), aux["t"])
 
-    return jax.value_and_grad(loss)(params)
+    return jax.value_and_grad(loss, has_aux=True)(params)
 
 
-def _accumulated_loss_and_grads(cfg: StepConfig, params, schedule: Schedule, batch, step_key):
+def _accumulated_loss_and_grads(cfg: StepConfig, params, schedule: Schedule, batch, step_key, probs=None):
     """:func:`_loss_and_grads` summed over ``cfg.accum_steps`` micro-batches: micro-batch j holds
-    examples j, j + k, j + 2k, ... of the (device's) batch, so each device keeps its share of each."""
+    examples j, j + k, j + 2k, ... of the (device's) batch, so each device keeps its share of each.
+    The terms and time steps come back in the batch's order."""
     k = cfg.accum_steps
     if k == 1:
-        return _loss_and_grads(cfg, params, schedule, batch, step_key)
+        return _loss_and_grads(cfg, params, schedule, batch, step_key, probs)
     b = batch["image"].shape[0]
     if b % k:
         raise ValueError(f"a batch of {b} examples does not split into {k} micro-batches (train.grad_accum_steps)")
     micro = jax.tree_util.tree_map(lambda a: jnp.swapaxes(a.reshape((b // k, k) + a.shape[1:]), 0, 1), batch)
 
     def body(carry, mb):
-        loss, grads = _loss_and_grads(cfg, params, schedule, mb, step_key)
-        return (carry[0] + loss, jax.tree_util.tree_map(jnp.add, carry[1], grads)), None
+        (loss, aux), grads = _loss_and_grads(cfg, params, schedule, mb, step_key, probs)
+        return (carry[0] + loss, jax.tree_util.tree_map(jnp.add, carry[1], grads)), aux
 
     zero = (jnp.zeros((), jnp.float32), jax.tree_util.tree_map(jnp.zeros_like, params))
-    (loss, grads), _ = jax.lax.scan(body, zero, micro)
-    return loss, grads
+    (loss, grads), aux = jax.lax.scan(body, zero, micro)
+    # (k, b/k) per micro-batch -> (b,) in the batch's order (example j·... of micro-batch j)
+    aux = jax.tree_util.tree_map(lambda a: jnp.swapaxes(a, 0, 1).reshape((b,)), aux)
+    return (loss, aux), grads
 
 
 def psum_flat(tree, axis_name: str):
@@ -153,18 +173,41 @@ def train_step(cfg: StepConfig, state: TrainState, schedule: Schedule, batch, *,
         first = jax.lax.axis_index(axis_name) * b if axis_name else 0
         batch = as_batch(batch, first_id=first, total=b * n)
     step_key = jax.random.fold_in(state.rng, state.step)
-    loss, grads = _accumulated_loss_and_grads(cfg, state.params, schedule, batch, step_key)
+    lo_mean, lo_std = cfg.t_log_normal
+    probs = timestep_sampling.probs_for(cfg.t_sampling, schedule, state.t_history, log_normal_mean=lo_mean,
+                                        log_normal_std=lo_std, uniform_share=cfg.t_importance_uniform)
+    (loss, (terms, t)), grads = _accumulated_loss_and_grads(cfg, state.params, schedule, batch, step_key, probs)
     if axis_name:
         grads, loss = psum_flat((grads, loss), axis_name)
     grad_norm = optax.tree_utils.tree_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)  # any NaN/Inf entry (or overflow) makes the norm non-finite
     updates, opt_state = cfg.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    ema = ema_update(state.ema_params, params, ema_decay_at(state.step, cfg.ema_decay))
+    done = state.step + 1  # updates applied after this one
     keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-    new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
-                              opt_state=keep(opt_state, state.opt_state), ema_params=keep(ema, state.ema_params))
+    new_params = keep(params, state.params)
+    if cfg.ema_gamma is None:
+        ema = keep(ema_update(state.ema_params, params, ema_decay_at(state.step, cfg.ema_decay)), state.ema_params)
+    else:  # a power EMA averages every step, a skipped one with the unchanged params, so its profile stays exact
+        ema = _power_update(state.ema_params, new_params, done, cfg.ema_gamma)
+    new_state = state.replace(step=done, params=new_params, opt_state=keep(opt_state, state.opt_state), ema_params=ema)
+    if cfg.ema_track_gammas:
+        new_state = new_state.replace(ema_tracks={k: _power_update(state.ema_tracks[k], new_params, done, g)
+                                                  for k, g in cfg.ema_track_gammas})
+    if cfg.t_sampling == "importance":
+        valid = batch["weight"] > 0
+        if axis_name:  # every device appends the whole global batch, in example order
+            terms, t, valid = (jax.lax.all_gather(a, axis_name, tiled=True) for a in (terms, t, valid))
+        history = timestep_sampling.update_history(state.t_history, t, terms, valid & finite)
+        new_state = new_state.replace(t_history=history)
     return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite.astype(jnp.float32)}
+
+
+def _power_update(ema, params, t, gamma):
+    """ema + (1 − β_t)(θ − ema), β_t = (1 − 1/t)^(γ+1) (:func:`ddpm_jax.ema.power_update_weight`:
+    1 − β_t computed directly, exact where β_t is close to 1)."""
+    w = ema_lib.power_update_weight(t, gamma)
+    return jax.tree_util.tree_map(lambda e, p: e + w * (p - e), ema, params)
 
 
 def padded_size(batch: int, multiple: int) -> int:

@@ -8,6 +8,8 @@ sample grid, checkpoint — and a stop on Ctrl-C, SIGTERM or pre-emption) and a 
 
     workdir/config.json  metrics.jsonl  tb/  checkpoints/  samples/epoch_XXXX.png  samples/final.png
     workdir/loss_curve.png  provenance.jsonl (a line per command: command, commit, machine, wall time)
+    workdir/ema_snapshots/<step>.msgpack  with each checkpoint, when train.ema_snapshot_sigma_rels
+                                          names power EMAs to track (experiments.posthoc_ema reads them)
 """
 
 from __future__ import annotations
@@ -27,14 +29,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import data, objectives, platform_profile, plots, provenance, rng, sampling
+from ddpm_jax import data, objectives, platform_profile, plots, provenance, rng, sampling, timestep_sampling
+from ddpm_jax import ema as ema_lib
 from ddpm_jax.checkpointing import Checkpointer, read_config_json, remove_partial_checkpoints, write_config_json
-from ddpm_jax.config import (ConfigError, sampler_options_from_config, schedule_from_config, validate_config,
-                             weighting_params_from_config)
+from ddpm_jax.config import (ConfigError, sampler_options_from_config, schedule_from_config, train_option,
+                             validate_config, weighting_params_from_config)
 from ddpm_jax.files import check_writable
 from ddpm_jax.models import count_params, describe_model, make_model_fn, model_from_config
 from ddpm_jax.resume import RESUME_MUST_MATCH, check_resume_compatible, lock_workdir, log, restore
-from ddpm_jax.train_state import create_train_state, make_optimizer
+from ddpm_jax.train_state import create_train_state, make_optimizer, track_key
 from ddpm_jax.train_step import Parallel, StepConfig
 from ddpm_jax.workdir import prepare_workdir
 from ddpm_jax.writers import MetricWriter, read_metrics
@@ -113,6 +116,7 @@ class _Run:
     last_train: float = math.nan
     last_eval: Dict[str, float] = dataclasses.field(default_factory=dict)
     stopped_by: Optional[str] = None
+    ema_tracks_start: Optional[int] = None  # the step the tracked power EMAs started at
 
     @property
     def batch_size(self) -> int:
@@ -128,7 +132,21 @@ class _Run:
         spe = self.steps_per_epoch
         return {"step": self.step, "epoch": self.step // spe, "step_in_epoch": self.step % spe, "steps_per_epoch": spe,
                 "image_shape": list(self.splits.image_shape), "wall_seconds": round(self.wall_seconds(), 3),
-                "num_devices": self.par.num_devices, "padded_batch": self.par.padded_batch(self.batch_size)}
+                "num_devices": self.par.num_devices, "padded_batch": self.par.padded_batch(self.batch_size),
+                **({"ema_tracks_start": self.ema_tracks_start} if self.ema_tracks_start is not None else {})}
+
+    def save(self, *, force: bool = False) -> bool:
+        """A checkpoint of the current step (if due, or ``force``), and the tracked power EMAs'
+        snapshot beside it (:func:`ddpm_jax.ema.write_snapshot`). Returns whether it saved."""
+        plain = self.par.get_state(self.state)
+        saved = self.ckpt.save(self.step, plain, self.meta(), force=force)
+        if saved and plain.ema_tracks is not None:
+            tracks = jax.device_get(plain.ema_tracks)
+            if self.is_main:
+                keys = sorted(tracks, key=lambda k: float(k.rsplit("_", 1)[1]))
+                ema_lib.write_snapshot(self.workdir, self.step, self.ema_tracks_start,
+                                       [float(k.rsplit("_", 1)[1]) for k in keys], [tracks[k] for k in keys])
+        return saved
 
     def close(self) -> None:
         self.writer.close()
@@ -153,9 +171,22 @@ def _build_step(config, image_shape, steps_per_epoch: int):
     loss_fn = objectives.get_objective(config.objective.name, weighting=config.objective.weighting,
                                        reduction=config.objective.reduction,
                                        weighting_params=weighting_params_from_config(config))
+    power = train_option(config, "ema") == "power"
     step_cfg = StepConfig(apply_fn=model.apply, loss_fn=loss_fn, tx=tx, ema_decay=config.train.ema_decay,
                           time_input=config.model.time_input, accum_steps=config.train.get("grad_accum_steps", 1),
-                          label_dropout=config.train.get("label_dropout", 0.0))
+                          label_dropout=config.train.get("label_dropout", 0.0),
+                          t_sampling=train_option(config, "t_sampling"),
+                          t_log_normal=(float(train_option(config, "t_log_normal_mean")),
+                                        float(train_option(config, "t_log_normal_std"))),
+                          t_importance_uniform=float(train_option(config, "t_importance_uniform")),
+                          ema_gamma=ema_lib.gamma_from_sigma_rel(float(train_option(config, "ema_sigma_rel"))) if power else None,
+                          ema_track_gammas=tuple((track_key(v), ema_lib.gamma_from_sigma_rel(float(v)))
+                                                 for v in train_option(config, "ema_snapshot_sigma_rels")))
+    if step_cfg.t_sampling != "uniform" or power or step_cfg.ema_track_gammas:
+        log(f"t sampling: {step_cfg.t_sampling}; EMA: " +
+            (f"power, sigma_rel {train_option(config, 'ema_sigma_rel')}" if power else f"constant {config.train.ema_decay}") +
+            (f"; power EMAs tracked for post-hoc EMA: sigma_rel {', '.join(k.split('_')[-1] for k, _ in step_cfg.ema_track_gammas)}"
+             if step_cfg.ema_track_gammas else ""))
     return model, params, step_cfg, Parallel(step_cfg, mode=config.train.parallel)
 
 
@@ -228,13 +259,15 @@ def _set_up(config, workdir: str, arrays, restore_step: Optional[int]) -> _Run:
     image_shape = splits.image_shape
     model, params, step_cfg, par = _build_step(config, image_shape, spe)
     _, train_key, sample_key, eval_key = rng.run_keys(config.seed)
-    state = create_train_state(params, step_cfg.tx, train_key)
+    state = create_train_state(params, step_cfg.tx, train_key, t_history=_empty_history(config),
+                               ema_track_keys=[k for k, _ in step_cfg.ema_track_gammas])
     # jit: restore straight into the replicated (global, with several hosts) layout; pmap: on the host.
     state = par.put_state(state) if par.mode == "jit" else state
     if jax.process_index() == 0:  # room for at least one more checkpoint, before anything is compiled or trained
         state_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(state))
         check_writable(workdir, "--workdir", need_bytes=state_bytes + 2**20)
     state, start, ckpt, meta = restore(config, workdir, ckpt_dir, state, restore_step)
+    state, tracks_start = _fit_options(config, step_cfg, state, start, meta)
     _log_layout(par, batch_size, meta)
     if start > total_steps:
         ckpt.close()
@@ -256,7 +289,38 @@ def _set_up(config, workdir: str, arrays, restore_step: Optional[int]) -> _Run:
                 writer=writer, iterator=iterator, steps_per_epoch=spe, total_steps=total_steps, step=start,
                 state=par.put_state(state), sample_grid=_make_grid_sampler(config, model, image_shape, par),
                 sample_key=sample_key, eval_key=eval_key, wall_before=float(meta.get("wall_seconds", 0.0)),
-                t_begin=t_begin)
+                t_begin=t_begin, ema_tracks_start=tracks_start)
+
+
+def _empty_history(config):
+    if train_option(config, "t_sampling") != "importance":
+        return None
+    return timestep_sampling.init_history(int(config.schedule.num_steps), int(train_option(config, "t_importance_history")))
+
+
+def _fit_options(config, step_cfg: StepConfig, state, start: int, meta: Dict[str, Any]):
+    """The restored state with the optional parts this config asks for: a checkpoint trained
+    without the importance history or a tracked power EMA gets them here (the history empty, so
+    t is uniform until it fills; the power EMAs all starting from the params at this step, which
+    ``ddpm_jax.ema`` accounts for exactly), and parts the config no longer asks for are dropped.
+    Returns (state, the step the tracked power EMAs started at, or None)."""
+    empty = _empty_history(config)
+    history = state.t_history
+    if empty is None:
+        history = None
+    elif history is None or tuple(history.terms.shape) != tuple(empty.terms.shape):
+        if start:
+            log(f"t sampling 'importance': the loss history starts empty at step {start} (uniform t until it fills)")
+        history = empty
+    keys = [k for k, _ in step_cfg.ema_track_gammas]
+    if not keys:
+        return state.replace(t_history=history, ema_tracks=None), None
+    if state.ema_tracks is not None and set(keys) <= set(state.ema_tracks):
+        return state.replace(t_history=history, ema_tracks={k: state.ema_tracks[k] for k in keys}), int(meta.get("ema_tracks_start", 0))
+    # one snapshot holds tracks of one start: a new σ_rel restarts them all here
+    if start:
+        log(f"power EMAs {', '.join(keys)}: tracked from step {start}, starting from the params")
+    return state.replace(t_history=history, ema_tracks={k: jax.tree_util.tree_map(jnp.copy, state.params) for k in keys}), start
 
 
 # ------------------------------------------------------------------------------------------------
@@ -429,7 +493,7 @@ def _loop(run: _Run, progress: bool) -> None:
                     _end_of_epoch(run, bar)
                     steps.pause(time.time() - t0)  # images/s counts training time only
                 if run.step % run.config.checkpoint.every_steps == 0:
-                    run.ckpt.save(run.step, run.par.get_state(run.state), run.meta())
+                    run.save()
                 if run.stopped_by:
                     break
         except OSError:  # a full disk or lost permissions: no final save, the earlier checkpoints stand
@@ -441,7 +505,7 @@ def _loop(run: _Run, progress: bool) -> None:
                 _abandon(run)
             else:
                 if run.ckpt.latest_step() != run.step and run.stopped_by != "nonfinite":
-                    run.ckpt.save(run.step, run.par.get_state(run.state), run.meta(), force=True)
+                    run.save(force=True)
                 run.ckpt.wait()
     if run.stopped_by == "nonfinite":
         run.close()
