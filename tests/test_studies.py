@@ -120,3 +120,32 @@ def test_bad_study_configs_fail_with_one_line(tmp_path, idx_dir, study, config, 
     p = _run(study, config, tmp_path, idx_dir, *extra, check=False)
     assert p.returncode == 2, p.stderr[-2000:]
     assert message in p.stderr and "Traceback" not in p.stderr
+
+
+def test_training_study_recipes_are_valid_configs_and_bad_input_is_one_line(tmp_path):
+    """Every recipe of experiments.study_training is configs/mnist_unet.py with overrides that
+    validate; unknown recipes, score steps off the checkpoint grid and widths out of range are
+    refused in one line before anything trains."""
+    from configs import mnist_unet
+    from ddpm_jax.config import validate_config
+    from experiments.study_training import RECIPES
+
+    for name, overrides in RECIPES.items():
+        c = mnist_unet.get_config()
+        for key, value in overrides.items():
+            node = c
+            *path, last = key.split(".")
+            for p in path:
+                node = node[p]
+            assert last in node, (name, key)  # an override of a key the recipe has
+            node[last] = value
+        validate_config(c)
+    for extra, message in ((["--recipes", "baseline,nope"], "unknown ['nope']"),
+                           (["--num_steps", "100", "--score_steps", "50"], "must be a checkpoint step"),
+                           (["--posthoc_sigma_rels", "0.5"], "--posthoc_sigma_rels"),
+                           (["--data_path", str(tmp_path / "nowhere")], "no such directory")):
+        p = subprocess.run([sys.executable, "-m", "experiments.study_training", "--root", str(tmp_path / "runs"),
+                            "--out_dir", str(tmp_path / "out"), *extra], cwd=helpers.REPO, capture_output=True, text=True,
+                           timeout=300)
+        assert p.returncode == 2 and message in p.stderr.strip().splitlines()[-1], (extra, p.stderr[-2000:])
+        assert not (tmp_path / "runs").exists() and not (tmp_path / "out").exists()
