@@ -11,7 +11,7 @@ import numbers
 from ddpm_jax import data, objectives, sampling, schedules, weightings
 
 __all__ = ["ConfigError", "validate_config", "schedule_from_config", "sampler_options_from_config", "lookup", "REQUIRED_KEYS", "DTYPES",
-           "TRAIN_DEFAULTS", "train_option"]
+           "TRAIN_DEFAULTS", "train_option", "distilled_steps", "check_distilled_sampler"]
 
 #: Keys the rest of the project relies on.
 REQUIRED_KEYS = (
@@ -136,6 +136,28 @@ def sampler_options_from_config(config) -> dict:
     if config.model.get("num_classes", 0):
         opts["guidance"] = float(s.get("guidance", 0.0))
     return opts
+
+
+def distilled_steps(config):
+    """N for a run distilled for N-step DDIM (``sampling.distilled_steps``, written by
+    ``experiments.distill``), else None."""
+    n = _get(config, "sampling").get("distilled_steps", 0) or 0
+    return int(n) or None
+
+
+def check_distilled_sampler(config, options: dict, grid=None) -> None:
+    """ValueError (one line) unless ``options`` (``sampling.sample`` keyword arguments) are the
+    sampler a distilled run was trained for: 'ddim' with η = 0 and its N steps, on the grid it
+    records (so no ``grid``). A run that is not distilled passes."""
+    n = distilled_steps(config)
+    if n is None:
+        return
+    got = {"method": options.get("method"), "num_steps": options.get("num_steps"), "eta": float(options.get("eta") or 0.0)}
+    if got != {"method": "ddim", "num_steps": n, "eta": 0.0} or grid:
+        asked = ", ".join(f"{k} {v}" for k, v in got.items()) + (f", grid {grid}" if grid else "")
+        raise ValueError(f"this run is a student distilled for {n}-step DDIM on its recorded grid (config.sampling."
+                         f"distilled_steps = {n}): sample it with --method ddim --num_steps {n} --eta 0 and no --grid "
+                         f"(asked for: {asked})")
 
 
 #: Training options a config may leave out (configs written before they existed): key -> default.
@@ -318,6 +340,13 @@ def validate_config(config) -> None:
                                         grid=s.get("grid", "") or None)
         except ValueError as e:
             raise ConfigError(f"config.sampling: {e} (sampling.num_steps = 0 means every step, grid '' the method's default)") from None
+
+    if s.get("distilled_steps", 0):  # a student of experiments.distill: its own sampler only
+        _int(config, "sampling.distilled_steps", minimum=1, maximum=T)
+        try:
+            check_distilled_sampler(config, sampler_options_from_config(config), s.get("grid", "") or None)
+        except ValueError as e:
+            raise ConfigError(f"config.sampling: {e}") from None
 
     if "guidance" in s:  # absent: 0
         w = _float(config, "sampling.guidance", low=0.0)

@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from ddpm_jax import data, objectives, sampling
+from ddpm_jax import data, distillation, objectives, sampling
 from ddpm_jax.checkpointing import CheckpointError, Checkpointer, read_config_json
-from ddpm_jax.config import sampler_options_from_config, schedule_from_config
+from ddpm_jax.config import check_distilled_sampler, distilled_steps, sampler_options_from_config, schedule_from_config
 from ddpm_jax.models import make_model_fn, model_from_config
 from ddpm_jax.schedules import Schedule
 from ddpm_jax.train_state import create_train_state, fit_to_saved, make_optimizer
@@ -74,6 +74,12 @@ class Run:
         return self.config.data.scale
 
     @property
+    def distilled_grid(self):
+        """The ascending steps a distilled student samples on (``meta['distillation']['grid']``,
+        written by ``experiments.distill``), or None for a run that is not distilled."""
+        return (self.meta.get("distillation") or {}).get("grid")
+
+    @property
     def num_classes(self) -> int:
         """K for a class-conditional run (labels 0..K−1), 0 for an unconditional one."""
         return int(self.config.model.get("num_classes", 0))
@@ -109,6 +115,10 @@ class Run:
                 "parameterisation": self.parameterisation, "clip_x0": data.data_range(self.data_scale) if clip else None}
         if grid is not None:
             opts["grid"] = grid
+        check_distilled_sampler(self.config, opts, grid)
+        if distilled_steps(self.config) and len(self.distilled_grid or ()) != distilled_steps(self.config):
+            raise ValueError(f"{self.workdir} is a distilled run whose checkpoint records no grid of "
+                             f"{distilled_steps(self.config)} steps (meta 'distillation'): it cannot be sampled")
         if s_churn:
             opts.update(churn)
         w = base.get("guidance", 0.0) if guidance is None else guidance
@@ -131,10 +141,15 @@ class Run:
         noise does not depend on the split (JAX's partitionable threefry), so neither do the samples."""
         shape = (batch_size,) + self.image_shape
         sharding = None if return_trajectory else data.batch_sharding(batch_size)
+        grid = self.distilled_grid if distilled_steps(self.config) else None
 
         def fn(params, key, labels=None):
             model_fn = self.model_fn(params=params)
             opts = dict(options)
+            if grid is not None:  # a distilled student: DDIM on the grid it was trained for
+                return distillation.sample_on_grid(model_fn, self.schedule, grid, shape, key,
+                                                   parameterisation=opts["parameterisation"], clip_x0=opts["clip_x0"],
+                                                   return_trajectory=return_trajectory)
             if labels is None:  # no class asked for: the "no class" model, unguided
                 opts.pop("guidance", None)
             return sampling.sample(model_fn, self.schedule, shape, key, return_trajectory=return_trajectory, labels=labels,

@@ -14,7 +14,9 @@ provenance, which ``experiments.evaluate --samples`` reports) and ``<out>/grid.p
 (e.g. ``eps_ddpm``, ``eps_ddpm_posterior``, ``ddim_steps50_eta0``). A class-conditional run draws
 the classes of ``--class`` (one, a comma-separated list, or ``all``; the samples are split into
 equal blocks, one per class, and the grid shows a row of each) with guidance ``--guidance``;
-``samples.npz`` then also holds ``labels``, and the tag names the classes and w.
+``samples.npz`` then also holds ``labels``, and the tag names the classes and w. A student written
+by ``experiments.distill`` samples with the DDIM steps on the grid it was distilled for; any other
+sampler or step count is refused in one line (``ddpm_jax.config.check_distilled_sampler``).
 
 The output directory is checked writable (with room for the file) before sampling starts, and
 both files are written to a temporary name and renamed: an interrupted run leaves the earlier
@@ -102,8 +104,9 @@ def main(argv):
     batch_size = min(FLAGS.batch_size, FLAGS.num)  # a batch never holds more than the samples asked for
     one_batch = run.make_sampler(batch_size, opts, ema=FLAGS.params == "ema")
 
+    grid = f" on the distilled grid {run.distilled_grid}" if run.distilled_grid else ""
     print(f"run {run.workdir} step {run.step} ({FLAGS.params} params); {method}{' (x̂_0 clipped)' if clip else ''}, "
-          f"{opts['num_steps'] or run.schedule.num_steps} steps; {FLAGS.num} samples in batches of {batch_size}"
+          f"{opts['num_steps'] or run.schedule.num_steps} steps{grid}; {FLAGS.num} samples in batches of {batch_size}"
           f" on {_devices(batch_size)}", flush=True)
     t0 = time.time()
     y0 = None if labels is None else labels[:batch_size]
