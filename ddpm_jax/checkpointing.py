@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -135,8 +136,10 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"no checkpoint in {self.directory}")
+        saved = self.saved_fields(step)
         if callable(target):  # a target that depends on what the checkpoint holds
-            target = target(self.saved_fields(step))
+            target = target(saved)
+        target, rebuild = _fields_saved(target, saved)
         abstract = jax.tree_util.tree_map(_with_sharding, target)
         self._check_saved_shapes(abstract, step)
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
@@ -146,7 +149,7 @@ class Checkpointer:
             raise CheckpointError(
                 f"cannot restore checkpoint step {step} from {self.directory}: {_first_line(e)}") from e
         _check_shapes(restored.state, abstract, step, self.directory)
-        return restored.state, dict(restored.meta or {})
+        return rebuild(restored.state), dict(restored.meta or {})
 
     def restore_newest(self, target) -> Tuple[Any, Dict[str, Any], int, Dict[int, str]]:
         """Restores the newest checkpoint that can be read, trying older ones past those that fail.
@@ -340,6 +343,19 @@ def _quiet_orbax_failure_noise() -> None:
 
 #: The end of the error for a checkpoint whose arrays cannot be this model's.
 _OTHER_MODEL = "it was written by a different model; use a new --workdir"
+
+
+def _fields_saved(target, saved: Dict[str, Any]):
+    """``(what Orbax restores into, how to rebuild the target from it)``: a dataclass state with
+    None fields that the checkpoint does not hold at all (it was written before those fields
+    existed) is restored as a dict of the fields it holds, then put back into the dataclass."""
+    if saved and dataclasses.is_dataclass(target):
+        names = [f.name for f in dataclasses.fields(target)]
+        absent = [n for n in names if getattr(target, n) is None and n not in saved]
+        if absent:
+            present = {n: getattr(target, n) for n in names if n not in absent}
+            return present, lambda restored: target.replace(**restored)
+    return target, lambda restored: restored
 
 
 def _with_sharding(x) -> jax.ShapeDtypeStruct:

@@ -132,3 +132,43 @@ def test_importance_history_and_tracks_agree_on_any_device_layout():
         np.testing.assert_allclose(out[name]["terms"], ref["terms"], rtol=1e-3, atol=1e-6, err_msg=name)
         assert out[name]["track"] == pytest.approx(ref["track"], rel=1e-3), name
         assert out[name]["loss"] == pytest.approx(ref["loss"], rel=1e-3), name
+
+
+def test_a_checkpoint_without_the_optional_fields_restores_and_resumes_with_them(tmp_path, capfd):
+    """A run whose checkpoints hold only step, params, opt_state, ema_params and rng (the state
+    before the optional fields existed) loads for sampling and resumes with importance sampling
+    and tracked EMAs switched on, which start at the resumed step."""
+    import flax.struct
+
+    from ddpm_jax import run_writer
+    from ddpm_jax.trainer import _build_step
+    from ddpm_jax.train_state import create_train_state
+
+    @flax.struct.dataclass
+    class FiveFieldState:  # the saved layout of such a checkpoint: the same field names, no others
+        step: object
+        params: object
+        opt_state: object
+        ema_params: object
+        rng: object
+
+    config = tiny_config(**{"train.num_steps": 3})
+    _, params, cfg, _ = _build_step(config, (8, 8, 1), steps_per_epoch=3)
+    full = create_train_state(params, cfg.tx, jax.random.PRNGKey(1))
+    old = FiveFieldState(step=jax.numpy.asarray(3, jax.numpy.int32), params=full.params, opt_state=full.opt_state,
+                         ema_params=full.ema_params, rng=full.rng)
+    meta = {"step": 3, "epoch": 1, "step_in_epoch": 0, "steps_per_epoch": 3, "image_shape": [8, 8, 1], "wall_seconds": 1.0}
+    work = str(tmp_path / "old")
+    run_writer.write_run(work, config.to_dict(), old, meta)
+    assert set(_state(work)[1]) == {"step", "params", "opt_state", "ema_params", "rng"}
+    run = load_run(work)
+    assert run.step == 3
+    np.testing.assert_array_equal(np.asarray(jax.tree_util.tree_leaves(run.params)[0]),
+                                  np.asarray(jax.tree_util.tree_leaves(full.params)[0]))
+    capfd.readouterr()
+    train_and_evaluate(tiny_config(**{"train.num_steps": 6, **OPTIONS}), work, arrays=as_arrays(make_digits_like()),
+                       progress=False)
+    out = capfd.readouterr().out
+    assert "resumed from" in out and "at step 3" in out and "tracked from step 3" in out
+    assert "loss history starts empty at step 3" in out
+    assert ema.read_snapshot(ema.snapshot_path(work, 6))["start_step"] == 3
