@@ -32,6 +32,17 @@ import ml_collections
 
 VARIANTS = ("", "conditional")
 
+#: Training recipes compared at equal compute by experiments.study_training: name -> overrides of
+#: this config (docs/training.md; results: docs/results.md, "Loss weightings, noise levels and EMA").
+RECIPES = {
+    "baseline": {},  # L_simple, uniform t, constant EMA 0.999
+    "min_snr": {"objective.weighting": "min_snr"},  # Hang et al. 2023, γ = 5
+    "p2": {"objective.weighting": "p2"},  # Choi et al. 2022, k = 1, γ = 1
+    "log_normal_edm": {"train.t_sampling": "log_normal", "objective.weighting": "edm"},  # Karras et al. 2022
+    "importance": {"train.t_sampling": "importance"},  # Nichol & Dhariwal 2021
+    "min_snr_importance": {"objective.weighting": "min_snr", "train.t_sampling": "importance"},
+}
+
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
     if variant not in VARIANTS:

@@ -7,8 +7,8 @@
         --out_dir docs/results/study_training/full
     (offline: add --data_path DIR, a directory of the MNIST IDX files)
 
-Every recipe is ``configs/mnist_unet.py`` (or its ``--variant=conditional``) with the overrides of :data:`RECIPES`: the
-same network, data, batch and seed, so the same training images in the same order; only the loss
+Every recipe is ``configs/mnist_unet.py`` (or its ``--variant=conditional``) with the overrides
+named in that file's ``RECIPES``: the same network, data, batch and seed, so the same training images in the same order; only the loss
 weighting, the draw of t or the EMA differ. Each is trained in ``<root>/<recipe>`` by
 ``experiments.train`` (an existing run there is resumed, or extended to a larger ``--num_steps``:
 with a constant learning rate after warm-up, the checkpoint at step s of a longer run is the run
@@ -32,17 +32,9 @@ import sys
 
 from absl import app, flags
 
+from configs.mnist_unet import RECIPES
 from experiments import cli
 
-#: recipe -> config overrides of configs/mnist_unet.py (docs/results.md, "Loss weightings, noise levels, EMA").
-RECIPES = {
-    "baseline": {},  # L_simple, uniform t, constant EMA 0.999
-    "min_snr": {"objective.weighting": "min_snr"},  # Hang et al. 2023, γ = 5
-    "p2": {"objective.weighting": "p2"},  # Choi et al. 2022, k = 1, γ = 1
-    "log_normal_edm": {"train.t_sampling": "log_normal", "objective.weighting": "edm"},  # Karras et al. 2022
-    "importance": {"train.t_sampling": "importance"},  # Nichol & Dhariwal 2021
-    "min_snr_importance": {"objective.weighting": "min_snr", "train.t_sampling": "importance"},
-}
 #: The power EMAs tracked for post-hoc reconstruction (EDM2's pair).
 TRACKED_SIGMA_RELS = (0.05, 0.1)
 

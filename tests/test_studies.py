@@ -128,9 +128,8 @@ def test_training_study_recipes_are_valid_configs_and_bad_input_is_one_line(tmp_
     refused in one line before anything trains."""
     from configs import mnist_unet
     from ddpm_jax.config import validate_config
-    from experiments.study_training import RECIPES
 
-    for name, overrides in RECIPES.items():
+    for name, overrides in mnist_unet.RECIPES.items():
         c = mnist_unet.get_config()
         for key, value in overrides.items():
             node = c
