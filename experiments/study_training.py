@@ -203,6 +203,7 @@ def main(argv):
                 for step, r in _scores(sub, [FLAGS.num_steps]).items():
                     rows.append(_row(recipe, r, batch, flops, posthoc_sigma_rel=v))
         _report(rows, out_dir, batch, flops)
+    _print_rows(rows)
     print(f"-> {os.path.join(out_dir, f'study_training_n{FLAGS.num}.json')}", flush=True)
 
 
@@ -216,6 +217,9 @@ def _report(rows, out_dir: str, batch: int, flops: float) -> None:
            "provenance": provenance.record()}
     write_json(os.path.join(out_dir, f"study_training_n{FLAGS.num}.json"), out)
     _plots(rows, out_dir, FLAGS.num)
+
+
+def _print_rows(rows) -> None:
     for r in rows:
         what = r["recipe"] + (f" + post-hoc EMA σ_rel {r['posthoc_sigma_rel']:g}" if "posthoc_sigma_rel" in r else "")
         minutes = "?" if r["wall_minutes"] is None else f"{r['wall_minutes']:.1f}"
