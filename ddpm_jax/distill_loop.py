@@ -49,7 +49,8 @@ from ddpm_jax.run_writer import write_run
 from ddpm_jax.runs import load_run
 from ddpm_jax.train_state import create_train_state, make_optimizer
 from ddpm_jax.train_step import padded_size
-from ddpm_jax.trainer import NonFiniteError, _StopSignals
+from ddpm_jax.stop_signals import StopSignals
+from ddpm_jax.trainer import NonFiniteError
 from ddpm_jax.workdir import prepare_workdir, set_aside
 from ddpm_jax.writers import MetricWriter
 
@@ -327,7 +328,7 @@ def _distill(s: Settings, plan: Dict[str, Any], workdir: str, progress: bool) ->
         ckpt.save(g, {"student": state, "teacher": teacher_params}, ckpt_meta(), force=force)
 
     try:
-        with _StopSignals() as stop:
+        with StopSignals() as stop:
             while k < len(sizes):
                 N = sizes[k]
                 first = k == 0

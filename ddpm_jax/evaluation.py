@@ -30,7 +30,7 @@ import numpy as np
 from ddpm_jax import data
 from ddpm_jax.metrics import classifier, fid, sample_quality
 
-__all__ = ["evaluate_samples", "format_report", "paired_fid_draws"]
+__all__ = ["classifier_statistics", "evaluate_samples", "format_report", "paired_fid_draws", "sample_classifier_fid"]
 
 
 def _pick(rng: np.random.Generator, x: np.ndarray, n: int, exclude: Optional[np.ndarray] = None):
@@ -145,3 +145,28 @@ def paired_fid_draws(sets: Dict[str, np.ndarray], pool: np.ndarray, num: int, dr
             "floor": {"fid": floors, **summary(floors)},
             "protocol": "draw i: samples [i*N, (i+1)*N) of each set, unclipped, vs real pool[perm_i[:N]]; "
                         "floor: pool[perm_i[:N]] vs pool[perm_i[N:2N]], perm_i = default_rng(seed + i).permutation"}
+
+
+def classifier_statistics(images01) -> dict:
+    """FID statistics (``fid.compute_statistics``: mu (128,), sigma (128, 128), n, extractor id and
+    version) of the classifier features of MNIST-shaped images ``(N, 28, 28, 1)`` in [0, 1]."""
+    return fid.compute_statistics(classifier.features(np.asarray(images01, np.float32)), classifier.EXTRACTOR_ID,
+                                  classifier.extractor_version())
+
+
+def sample_classifier_fid(run, num: int, seed: int, reference, *, batch_size: Optional[int] = None,
+                          progress: bool = False) -> float:
+    """Classifier FID of ``num`` samples of ``run`` (a ``ddpm_jax.runs.Run`` of MNIST-shaped
+    images; its config's sampler, EMA params, key ``PRNGKey(seed)``, ``batch_size`` per compiled
+    batch, default all at once) against ``reference`` (:func:`classifier_statistics`, a dict or the
+    path of a file of ``fid.save_statistics``). The reference is a whole split, so the value is the
+    N-sample bias plus the model's distance: compare it only with values of the same ``num``."""
+    import jax
+
+    from ddpm_jax import sampling
+
+    batch = min(batch_size or num, num)
+    samples = sampling.sample_in_batches(run.make_sampler(batch, run.sampler_options()), num, batch,
+                                         jax.random.PRNGKey(seed), progress=progress)
+    gen = np.clip(np.asarray(data.unscale_images(samples, run.data_scale, clip=False), np.float32), 0.0, 1.0)
+    return fid.fid_from_statistics(classifier_statistics(gen), reference)

@@ -48,7 +48,6 @@ import dataclasses
 import json
 import os
 import re
-import shutil
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -638,40 +637,13 @@ def initial_state(imported: Imported):
 def save_as_run(imported: Imported, workdir: str) -> str:
     """Writes ``workdir/config.json`` and the checkpoint of step 0 (:func:`initial_state`) in the
     trainer's layout (``ddpm_jax.checkpointing``), so that sampling, evaluation and
-    ``experiments.train`` (resuming) read it as any run. ``workdir`` must be absent or empty; if a
-    write fails, what was written is removed and the error re-raised. Returns the absolute path."""
-    import jax  # noqa: PLC0415
-
-    from ddpm_jax.checkpointing import Checkpointer, write_config_json  # noqa: PLC0415
-    from ddpm_jax.files import check_writable  # noqa: PLC0415
+    ``experiments.train`` (resuming) read it as any run. ``workdir`` must be absent or empty; the
+    run is written whole or not at all (``ddpm_jax.run_writer.write_run``). Returns the absolute path."""
+    from ddpm_jax.run_writer import write_run  # noqa: PLC0415
 
     path = check_new_workdir(workdir)
-    existed = os.path.isdir(path)
     state, meta = initial_state(imported)
-    state_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(state))
-    try:
-        check_writable(path, "--workdir", need_bytes=state_bytes + 2**20)
-        write_config_json(path, imported.config.to_dict())
-        ckpt = Checkpointer(os.path.join(path, "checkpoints"), every_steps=int(imported.config.checkpoint.every_steps),
-                            keep=int(imported.config.checkpoint.keep), async_save=False)
-        try:
-            ckpt.save(0, state, meta, force=True)
-        finally:
-            ckpt.close()
-    except BaseException:
-        _remove_written(path, existed)
-        raise
-    return path
-
-
-def _remove_written(path: str, existed: bool) -> None:
-    """Removes what :func:`save_as_run` wrote in ``path`` (the directory too when it made it)."""
-    if not existed:
-        shutil.rmtree(path, ignore_errors=True)
-        return
-    for name in os.listdir(path) if os.path.isdir(path) else []:
-        target = os.path.join(path, name)
-        shutil.rmtree(target, ignore_errors=True) if os.path.isdir(target) else os.remove(target)
+    return write_run(path, imported.config.to_dict(), state, meta)
 
 
 def recipe_overrides(config, base) -> Tuple[List[str], List[str]]:

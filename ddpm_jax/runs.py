@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any, Dict, Optional, Tuple
 
@@ -17,9 +18,10 @@ import jax.numpy as jnp
 import ml_collections
 
 from ddpm_jax import data, distillation, objectives, sampling
-from ddpm_jax.checkpointing import CheckpointError, Checkpointer, read_config_json
+from ddpm_jax.checkpointing import CheckpointError, CheckpointMismatchError, Checkpointer, read_config_json
 from ddpm_jax.config import check_distilled_sampler, distilled_steps, sampler_options_from_config, schedule_from_config
 from ddpm_jax.models import make_model_fn, model_from_config
+from ddpm_jax.run_writer import META_FILE, PARAMS_FILE
 from ddpm_jax.schedules import Schedule
 from ddpm_jax.train_state import create_train_state, fit_to_saved, make_optimizer
 
@@ -193,15 +195,20 @@ def _restore(ckpt: Checkpointer, config, step: int):
 
 
 def load_run(workdir: str, step: Optional[int] = None) -> Run:
-    """Restores ``step`` (default: the latest) of the run in ``workdir``.
+    """Restores ``step`` (default: the latest) of the run in ``workdir``: a training run
+    (``config.json`` and ``checkpoints/``) or a params run (``config.json``, ``params.msgpack``
+    and ``meta.json``, ``ddpm_jax.run_writer.write_params_run``: the shipped form, whose params
+    and EMA params are the file's).
 
     Raises:
-      FileNotFoundError: no run (config.json and checkpoints/) in ``workdir``.
+      FileNotFoundError: no run in ``workdir``, or not the asked step.
       CheckpointError: the checkpoint does not fit the saved config, or is unreadable.
     """
     workdir = os.path.abspath(os.path.expanduser(workdir))
     cfg = read_config_json(workdir)
     ckpt_dir = os.path.join(workdir, "checkpoints")
+    if cfg is not None and not os.path.isdir(ckpt_dir) and os.path.isfile(os.path.join(workdir, PARAMS_FILE)):
+        return _load_params_run(workdir, ml_collections.ConfigDict(cfg), step)
     if cfg is None or not os.path.isdir(ckpt_dir):
         raise FileNotFoundError(f"no training run in {workdir} (expected config.json and checkpoints/ written by experiments.train)")
     config = ml_collections.ConfigDict(cfg)
@@ -225,3 +232,46 @@ def load_run(workdir: str, step: Optional[int] = None) -> Run:
     return Run(config=config, model=model, schedule=schedule_from_config(config), params=state.params,
                ema_params=state.ema_params, step=int(state.step), image_shape=image_shape, workdir=workdir, meta=dict(meta))
 
+
+
+def _load_params_run(workdir: str, config, step: Optional[int]) -> Run:
+    """The :class:`Run` of a params run (``config.json``, ``params.msgpack``, ``meta.json``)."""
+    import flax.serialization
+    import numpy as np
+
+    meta_path, params_path = os.path.join(workdir, META_FILE), os.path.join(workdir, PARAMS_FILE)
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+        image_shape, saved_step = tuple(int(n) for n in meta["image_shape"]), int(meta["step"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{meta_path} is missing or not a params run's meta (step, image_shape): "
+                              f"{type(e).__name__}: {e}") from None
+    if step is not None and step != saved_step:
+        raise FileNotFoundError(f"{workdir} holds the params of step {saved_step} only, not step {step}")
+    model = model_from_config(config.model, image_shape)
+    abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1,) + image_shape), jnp.ones((1,)))["params"])
+    try:
+        with open(params_path, "rb") as f:
+            saved = flax.serialization.msgpack_restore(f.read())
+    except Exception as e:  # noqa: BLE001  (msgpack raises several types for a damaged file)
+        raise CheckpointError(f"{params_path} cannot be read ({type(e).__name__}): damaged or not a params file") from None
+    want = flax.serialization.to_state_dict(abstract)
+    flat_want = {k: v.shape for k, v in _flatten(want)}
+    flat_saved = {k: np.shape(v) for k, v in _flatten(saved)}
+    if flat_want != flat_saved:
+        bad = sorted(set(flat_want) ^ set(flat_saved)) or sorted(k for k in flat_want if flat_want[k] != flat_saved[k])
+        raise CheckpointMismatchError(f"{params_path} does not hold this config's model (first difference: "
+                                      f"{'/'.join(bad[0])}); config.json and params.msgpack belong together")
+    params = jax.tree_util.tree_map(jnp.asarray, flax.serialization.from_state_dict(abstract, saved))
+    return Run(config=config, model=model, schedule=schedule_from_config(config), params=params, ema_params=params,
+               step=saved_step, image_shape=image_shape, workdir=workdir, meta=dict(meta))
+
+
+def _flatten(tree, prefix=()):
+    """(path tuple, leaf) pairs of a nested dict."""
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _flatten(v, prefix + (str(k),))
+    else:
+        yield prefix, tree

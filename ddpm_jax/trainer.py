@@ -20,7 +20,6 @@ import functools
 import json
 import math
 import os
-import signal
 import sys
 import time
 from typing import Any, Callable, Dict, List, Optional
@@ -37,6 +36,7 @@ from ddpm_jax.config import (ConfigError, sampler_options_from_config, schedule_
 from ddpm_jax.files import check_writable
 from ddpm_jax.models import count_params, describe_model, make_model_fn, model_from_config
 from ddpm_jax.resume import RESUME_MUST_MATCH, check_resume_compatible, lock_workdir, log, restore
+from ddpm_jax.stop_signals import StopSignals
 from ddpm_jax.train_state import create_train_state, make_optimizer, track_key
 from ddpm_jax.train_step import Parallel, StepConfig
 from ddpm_jax.workdir import prepare_workdir
@@ -412,52 +412,6 @@ def _end_of_epoch(run: _Run, bar) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-class _StopSignals:
-    """Ctrl-C and SIGTERM end the run after the current step, with a checkpoint.
-
-    One process: SIGINT/SIGTERM set a flag the loop reads after each step (so the state is never
-    caught half-updated); a second SIGINT raises KeyboardInterrupt at once. Several processes
-    (``jax.distributed``): SIGTERM is left to JAX's pre-emption service, which tells every
-    process, and :meth:`requested` is true on all of them after the same step
-    (``multihost_utils.reached_preemption_sync_point``), so they save one checkpoint together;
-    SIGINT is turned into a SIGTERM to this process, so Ctrl-C on one process stops them all alike.
-    """
-
-    def __init__(self):
-        self.multi = jax.process_count() > 1
-        self.flag: Optional[str] = None
-        self._old: Dict[int, Any] = {}
-
-    def _handler(self, signum, frame):
-        if self.flag is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.flag = signal.Signals(signum).name
-        if self.multi:  # JAX's notifier turns it into a stop step that every process agrees on
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    def __enter__(self):
-        for sig in (signal.SIGINT,) if self.multi else (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[sig] = signal.signal(sig, self._handler)
-            except ValueError:  # not the main thread: signals cannot be handled here
-                pass
-        return self
-
-    def __exit__(self, *exc):
-        for sig, h in self._old.items():
-            signal.signal(sig, h)
-
-    def requested(self, step: int) -> Optional[str]:
-        """The signal's name once the run should stop after ``step``, else None."""
-        if not self.multi:
-            return self.flag
-        from jax.experimental import multihost_utils
-
-        if multihost_utils.reached_preemption_sync_point(step):
-            return self.flag or "SIGTERM"
-        return None
-
-
 # ------------------------------------------------------------------------------------------------
 # The loop and the finish
 # ------------------------------------------------------------------------------------------------
@@ -474,7 +428,7 @@ def _loop(run: _Run, progress: bool) -> None:
     steps = _StepLog(run, bar)
     window = platform_profile.dispatch_window()  # no all-reduce deadlock on XLA:CPU
     write_failed = False
-    with _StopSignals() as stop:
+    with StopSignals() as stop:
         try:
             while run.step < run.total_steps:
                 batch = run.par.put_batch(run.iterator.batch(run.step))
