@@ -1,5 +1,6 @@
 """Trained params as a params run (ddpm_jax.run_writer.write_params_run, read by
-ddpm_jax.runs.load_run) and experiments.export_params."""
+ddpm_jax.runs.load_run), experiments.export_params, and the params the repository ships in
+pretrained/: they load, sample, and score the classifier FID their check file documents."""
 
 import json
 import os
@@ -12,6 +13,10 @@ import numpy as np
 import pytest
 
 from helpers import REPO, cpu_env, run_module, tiny_config
+
+#: The params runs the repository ships (experiments.export_params with --check_num).
+SHIPPED = ("mnist_unet",)
+
 
 def _tiny_params(config, image_shape=(8, 8, 1), seed=0):
     from ddpm_jax.models import model_from_config
@@ -136,3 +141,26 @@ def test_export_params_command_writes_the_ema_params_and_refuses_bad_input(tmp_p
         assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and fragment in err, err
     assert {n: os.path.getmtime(out / n) for n in os.listdir(out)} == before
     assert not any(os.path.exists(tmp_path / n) for n in "abcd")
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_params_score_their_documented_classifier_fid(name):
+    """Seed 0 of the check redrawn here. On the machine that wrote the check file the value is the
+    same to float32 rounding; elsewhere (another CPU kind, a GPU) rounding can move the sampling
+    trajectories apart, at worst as far as an independent draw, whose difference from the
+    documented one has standard deviation √2·sd (sd: over the documented seeds). Tolerance 4√2·sd.
+    An unusable network (wrong or damaged params) scores classifier FIDs in the hundreds."""
+    from ddpm_jax.evaluation import sample_classifier_fid
+    from ddpm_jax.runs import load_run
+
+    path = os.path.join(REPO, "pretrained", name)
+    assert os.path.getsize(os.path.join(path, "params.msgpack")) < 5 * 2**20
+    checks = sorted(n for n in os.listdir(path) if n.startswith("check_n") and n.endswith(".json"))
+    assert checks, f"{path} has no check file (experiments.export_params --check_num)"
+    with open(os.path.join(path, checks[0]), encoding="utf-8") as f:
+        check = json.load(f)
+    run = load_run(path)
+    assert check["seeds"][0] == 0 and len(check["fid_classifier"]) >= 2
+    value = sample_classifier_fid(run, check["num"], 0, os.path.join(path, check["reference"]))
+    tol = 4 * np.sqrt(2) * check["sd"]
+    assert abs(value - check["fid_classifier"][0]) <= tol, (value, check["fid_classifier"][0], tol)
