@@ -157,3 +157,26 @@ def run_module(module, *args, timeout=600):
 
     return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO, capture_output=True, text=True,
                           env=cpu_env(), timeout=timeout)
+
+
+def main_driver(module: str) -> str:
+    """Python source that runs ``experiments.<module>.main`` once per argument list of the JSON in
+    ``sys.argv[1]``, in one process (one interpreter start for many bad-input cases), and prints
+    ``[[exit code, stderr], ...]`` as JSON."""
+    return f"""
+import contextlib, io, json, sys
+from absl import flags
+from experiments import cli, {module}
+out = []
+for argv in json.loads(sys.argv[1]):
+    flags.FLAGS.unparse_flags()
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            {module}.main(cli.parse_flags(["{module}"] + argv))
+            code = 0
+        except SystemExit as e:
+            code = e.code
+    out.append([code, err.getvalue()])
+print(json.dumps(out))
+"""

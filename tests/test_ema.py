@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from ddpm_jax import ema
-from helpers import REPO, cpu_env, run_module, tiny_config
+from helpers import REPO, cpu_env, main_driver, run_module, tiny_config
 
 # ------------------------------------------------------------------------------------------------
 # σ_rel ↔ γ
@@ -351,23 +351,7 @@ def _assert_params(got, want):
         np.testing.assert_array_equal(np.asarray(a), b)  # the same float64 sums, cast once: bit for bit
 
 
-DRIVER = """
-import contextlib, io, json, sys
-from absl import flags
-from experiments import cli, posthoc_ema
-out = []
-for argv in json.loads(sys.argv[1]):
-    flags.FLAGS.unparse_flags()
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        try:
-            posthoc_ema.main(cli.parse_flags(["posthoc_ema"] + argv))
-            code = 0
-        except SystemExit as e:
-            code = e.code
-    out.append([code, err.getvalue()])
-print(json.dumps(out))
-"""
+DRIVER = main_driver("posthoc_ema")
 
 
 def test_posthoc_ema_command_writes_runs_that_load(tiny_run, tmp_path):

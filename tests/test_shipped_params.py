@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import REPO, cpu_env, run_module, tiny_config
+from helpers import REPO, cpu_env, main_driver, run_module, tiny_config
 
 #: The params runs the repository ships (experiments.export_params with --check_num).
 SHIPPED = ("mnist_unet",)
@@ -77,23 +77,7 @@ def test_params_run_round_trip_samples_and_refuses_what_does_not_fit(tmp_path):
         load_run(path)
 
 
-DRIVER = """
-import contextlib, io, json, sys
-from absl import flags
-from experiments import cli, export_params
-out = []
-for argv in json.loads(sys.argv[1]):
-    flags.FLAGS.unparse_flags()
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        try:
-            export_params.main(cli.parse_flags(["export_params"] + argv))
-            code = 0
-        except SystemExit as e:
-            code = e.code
-    out.append([code, err.getvalue()])
-print(json.dumps(out))
-"""
+DRIVER = main_driver("export_params")
 
 
 def test_export_params_command_writes_the_ema_params_and_refuses_bad_input(tmp_path):
