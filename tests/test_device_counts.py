@@ -20,7 +20,7 @@ DEFAULTS_SCRIPT = textwrap.dedent(
     from configs import mnist, mnist_unet
     from ddpm_jax import sharding
     from ddpm_jax.config import schedule_from_config, validate_config
-    from ddpm_jax.trainer import _build_step
+    from ddpm_jax.trainer import _build_step, _fit_options
     from ddpm_jax.train_state import create_train_state
     from ddpm_jax.train_step import Parallel
 
@@ -31,7 +31,8 @@ DEFAULTS_SCRIPT = textwrap.dedent(
         _, params, cfg, _ = _build_step(config, (28, 28, 1), steps_per_epoch=500)
         schedule = schedule_from_config(config)
         images = np.random.default_rng(0).uniform(0, 1, (b, 28, 28, 1)).astype(np.float32)
-        state = jax.device_get(create_train_state(params, cfg.tx, jax.random.PRNGKey(1)))
+        state, _ = _fit_options(config, cfg, create_train_state(params, cfg.tx, jax.random.PRNGKey(1)), 0, {{}})
+        state = jax.device_get(state)  # with the optional parts the config asks for (importance history)
         for n in (1, 2, 4, 8):
             par = Parallel(cfg, mesh=sharding.make_mesh(jax.devices()[:n]))
             st, m = par.train(par.put_state(state), schedule, par.put_batch(images))
