@@ -49,6 +49,7 @@ from ddpm_jax.run_writer import write_run
 from ddpm_jax.runs import load_run
 from ddpm_jax.train_state import create_train_state, make_optimizer
 from ddpm_jax.train_step import padded_size
+from ddpm_jax.run_writer import PARAMS_FILE
 from ddpm_jax.stop_signals import StopSignals
 from ddpm_jax.trainer import NonFiniteError
 from ddpm_jax.workdir import prepare_workdir, set_aside
@@ -108,11 +109,12 @@ def check_settings(s: Settings) -> Dict[str, Any]:
     Raises ValueError / FileNotFoundError with one line."""
     teacher = os.path.abspath(os.path.expanduser(s.teacher or ""))
     workdir = os.path.abspath(os.path.expanduser(s.workdir or ""))
+    params_run = os.path.isfile(os.path.join(teacher, PARAMS_FILE))  # shipped params (run_writer.write_params_run)
     if not s.teacher or not os.path.isfile(os.path.join(teacher, "config.json")) \
-            or not os.path.isdir(os.path.join(teacher, "checkpoints")):
+            or not (params_run or os.path.isdir(os.path.join(teacher, "checkpoints"))):
         raise FileNotFoundError(f"--teacher {teacher}: no training run there (expected config.json and checkpoints/ "
-                                "written by experiments.train)")
-    if not any(n.isdigit() for n in os.listdir(os.path.join(teacher, "checkpoints"))):
+                                "written by experiments.train, or the params.msgpack of experiments.export_params)")
+    if not params_run and not any(n.isdigit() for n in os.listdir(os.path.join(teacher, "checkpoints"))):
         raise FileNotFoundError(f"--teacher {teacher}: no checkpoint in {os.path.join(teacher, 'checkpoints')}")
     if not s.workdir:
         raise ValueError("--workdir is empty: give a directory for the distillation")

@@ -248,9 +248,22 @@ def teacher_run(tmp_path_factory):
     draw = np.random.default_rng(0)
     params = jax.tree_util.tree_map(lambda a: jnp.asarray(draw.normal(0.0, 0.1, a.shape), a.dtype), shapes)
     state = create_train_state(params, make_optimizer(c.optim, steps_per_epoch=3, params=params), rng.run_keys(0)[1])
-    run_writer.write_run(str(root / "teacher"), c.to_dict(), state,
-                         {"step": 0, "epoch": 0, "step_in_epoch": 0, "steps_per_epoch": 3, "image_shape": list(shape)})
+    meta = {"step": 0, "epoch": 0, "step_in_epoch": 0, "steps_per_epoch": 3, "image_shape": list(shape)}
+    run_writer.write_run(str(root / "teacher"), c.to_dict(), state, meta)
+    run_writer.write_params_run(str(root / "teacher_params"), c.to_dict(), params, meta)  # the shipped form
     return root
+
+
+def test_shipped_params_teach_like_their_run(teacher_run, tmp_path):
+    """A params run (experiments.export_params, pretrained/) is accepted as the teacher, with the
+    same plan as the training run of the same params."""
+    from ddpm_jax.distill_loop import Settings, check_settings
+
+    plans = [check_settings(Settings(teacher=str(teacher_run / name), workdir=str(tmp_path / name), teacher_steps=4,
+                                     target_steps=1)) for name in ("teacher", "teacher_params")]
+    assert plans[0]["T"] == plans[1]["T"] == 20 and plans[0]["sizes"] == plans[1]["sizes"]
+    assert plans[0]["config"] == plans[1]["config"]
+    assert not (tmp_path / "teacher_params").exists()  # checking writes nothing
 
 
 ARGS = ["--teacher_steps", "4", "--steps_per_stage", "6", "--checkpoint_every_steps", "3", "--log_every_steps", "3"]
