@@ -233,7 +233,6 @@ def load_run(workdir: str, step: Optional[int] = None) -> Run:
                ema_params=state.ema_params, step=int(state.step), image_shape=image_shape, workdir=workdir, meta=dict(meta))
 
 
-
 def _load_params_run(workdir: str, config, step: Optional[int]) -> Run:
     """The :class:`Run` of a params run (``config.json``, ``params.msgpack``, ``meta.json``)."""
     import flax.serialization
