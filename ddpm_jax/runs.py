@@ -236,6 +236,7 @@ def load_run(workdir: str, step: Optional[int] = None) -> Run:
 def _load_params_run(workdir: str, config, step: Optional[int]) -> Run:
     """The :class:`Run` of a params run (``config.json``, ``params.msgpack``, ``meta.json``)."""
     import flax.serialization
+    import flax.traverse_util
     import numpy as np
 
     meta_path, params_path = os.path.join(workdir, META_FILE), os.path.join(workdir, PARAMS_FILE)
@@ -256,8 +257,8 @@ def _load_params_run(workdir: str, config, step: Optional[int]) -> Run:
     except Exception as e:  # noqa: BLE001  (msgpack raises several types for a damaged file)
         raise CheckpointError(f"{params_path} cannot be read ({type(e).__name__}): damaged or not a params file") from None
     want = flax.serialization.to_state_dict(abstract)
-    flat_want = {k: v.shape for k, v in _flatten(want)}
-    flat_saved = {k: np.shape(v) for k, v in _flatten(saved)}
+    flat_want = {k: v.shape for k, v in flax.traverse_util.flatten_dict(want).items()}
+    flat_saved = {k: np.shape(v) for k, v in flax.traverse_util.flatten_dict(saved).items()}
     if flat_want != flat_saved:
         bad = sorted(set(flat_want) ^ set(flat_saved)) or sorted(k for k in flat_want if flat_want[k] != flat_saved[k])
         raise CheckpointMismatchError(f"{params_path} does not hold this config's model (first difference: "
@@ -265,12 +266,3 @@ def _load_params_run(workdir: str, config, step: Optional[int]) -> Run:
     params = jax.tree_util.tree_map(jnp.asarray, flax.serialization.from_state_dict(abstract, saved))
     return Run(config=config, model=model, schedule=schedule_from_config(config), params=params, ema_params=params,
                step=saved_step, image_shape=image_shape, workdir=workdir, meta=dict(meta))
-
-
-def _flatten(tree, prefix=()):
-    """(path tuple, leaf) pairs of a nested dict."""
-    if isinstance(tree, dict):
-        for k, v in tree.items():
-            yield from _flatten(v, prefix + (str(k),))
-    else:
-        yield prefix, tree
