@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import REPO, STD_NAMES, cpu_env, make_digits_like, tiny_config, write_dir
+from helpers import REPO, STD_NAMES, cpu_env, make_digits_like, run_module, tiny_config, write_dir
 
 from ddpm_jax import analytic, diffusion, distillation as dist, rng, sampling, schedules
 
@@ -357,6 +357,28 @@ def test_sigkill_resumes_bit_for_bit_and_two_devices_agree(teacher_run, tmp_path
         with pytest.raises(ValueError, match="--num_steps 1") as e:  # experiments.sample prints it as one error: line
             run.sampler_options(**wrong)
         assert "\n" not in str(e.value)
+
+    # experiments.study_distill: the students beside the teacher's solvers, each FID over the reference's
+    eval_dir = tmp_path / "eval"
+    solvers = run_module("experiments.study_samplers", "--workdir", teacher, "--num", 8, "--batch_size", 8,
+                         "--nfe", 2, "--methods", "ddim", "--out_dir", eval_dir)
+    assert solvers.returncode == 0, solvers.stderr[-3000:]
+    study = run_module("experiments.study_distill", "--workdir", tmp_path / "straight", "--num", 8, "--batch_size", 8,
+                       "--solvers", eval_dir / "samplers_n8.json", "--reference", "ddim:2", "--out_dir", eval_dir)
+    assert study.returncode == 0, study.stderr[-3000:]
+    out = json.load(open(eval_dir / "students_n8.json"))
+    ref = json.load(open(eval_dir / "samplers_n8.json"))["rows"][0]["report"]["fid_pixel"]["test"]
+    assert out["reference"] == {"name": "ddim", "nfe": 2, "fid": ref}
+    assert [(r["nfe"], r["stage"], r["sampler"]["num_steps"]) for r in out["rows"]] == \
+        [(1, report["stages"][1], 1), (2, report["stages"][0], 2)]
+    for r in out["rows"]:
+        assert r["ratio_to_reference"] == r["report"]["fid_pixel"]["test"] / ref and r["report"]["num_samples"] == 8
+    assert out["distillation"]["total"] == report["total"] and (eval_dir / "fid_vs_nfe_students_n8.png").stat().st_size
+    other = run_module("experiments.study_distill", "--workdir", tmp_path / "straight", "--num", 16,
+                       "--solvers", eval_dir / "samplers_n8.json", "--out_dir", eval_dir)  # refused before JAX starts
+    assert other.returncode == 2 and other.stderr.strip().splitlines() == [
+        f"error: --solvers {eval_dir / 'samplers_n8.json'} is not the teacher's study at this N and seed: "
+        "num_samples 8 (students: 16)"]
 
 
 def test_bad_input_is_one_line_and_writes_nothing(teacher_run, tmp_path):
