@@ -2,12 +2,13 @@
 
     python -m experiments.score_checkpoints --workdir runs/mnist_unet --num 2000
 
-For each kept checkpoint (or ``--steps``) this draws ``--num`` samples from the EMA params with the
-run's configured sampler (or ``--method`` / ``--num_steps`` / ``--eta``) and scores them against
-the test split (``ddpm_jax.evaluation``: pixel and classifier FID with their real-vs-real floors at
-the same N, the lecture's table). Training time is the checkpoint's ``wall_seconds`` (the
-trainer's wall clock up to that step, compilation and in-run evaluation included). With a constant
-learning rate after warm-up, the checkpoint at minute m stands for a run stopped at minute m.
+For each kept checkpoint (or ``--steps``; a params run such as ``pretrained/mnist_unet`` has one)
+this draws ``--num`` samples from the EMA params with the run's configured sampler (or ``--method``
+/ ``--num_steps`` / ``--eta``) and scores them against the test split (``ddpm_jax.evaluation``:
+pixel and classifier FID with their real-vs-real floors at the same N, the lecture's table).
+Training time is the checkpoint's ``wall_seconds`` (the trainer's wall clock up to that step,
+compilation and in-run evaluation included). With a constant learning rate after warm-up, the
+checkpoint at minute m stands for a run stopped at minute m.
 
 Writes, atomically after every checkpoint (an interrupted call keeps the rows it finished, and a
 rerun with the same sampler, N and seed adds to them), ``<out_dir>/checkpoints_<sampler>_n<N>.json``
@@ -31,9 +32,26 @@ flags.DEFINE_integer("num_steps", None, "DDIM steps (default: the run's config.s
 flags.DEFINE_float("eta", None, "DDIM eta in [0, 1] (default: the run's config.sampling.eta, else 0).")
 
 
-def _steps(ckpt_dir: str):
+def _kept(workdir: str):
+    """``(where, steps)``: the checkpoint steps a training run kept, or the one step of a params run
+    (``ddpm_jax.run_writer.write_params_run``: shipped params, whose ``meta.json`` names it)."""
+    import json
+
+    from ddpm_jax.run_writer import META_FILE, PARAMS_FILE
+
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(ckpt_dir) and os.path.isfile(os.path.join(workdir, PARAMS_FILE)):
+        try:
+            with open(os.path.join(workdir, META_FILE), encoding="utf-8") as f:
+                return workdir, [int(json.load(f)["step"])]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            cli.fail(f"{os.path.join(workdir, META_FILE)} cannot be read ({e}): the params run is incomplete")
+    return ckpt_dir, sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit()) if os.path.isdir(ckpt_dir) else []
+
+
+def _steps(workdir: str):
     """The checkpoint steps to score: --steps, each checked to exist, else every kept one."""
-    kept = sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit()) if os.path.isdir(ckpt_dir) else []
+    ckpt_dir, kept = _kept(workdir)
     if not FLAGS.steps:
         if not kept:
             cli.fail(f"no checkpoint in {ckpt_dir}")
@@ -89,7 +107,7 @@ def main(argv):
     from ddpm_jax.files import os_error_line, write_json
     from ddpm_jax.runs import load_run, sampling_tag
 
-    steps = _steps(os.path.join(os.path.abspath(FLAGS.workdir), "checkpoints"))
+    steps = _steps(os.path.abspath(FLAGS.workdir))
     workdir, out_dir, run, splits, opts = cli.load_scoring_run(
         steps[0], lambda run: run.sampler_options(FLAGS.method, num_steps=FLAGS.num_steps, eta=FLAGS.eta))
     tag = sampling_tag(opts)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import REPO, cpu_env, main_driver, run_module, tiny_config
+from helpers import REPO, STD_NAMES, cpu_env, main_driver, make_digits_like, run_module, tiny_config, write_dir
 
 #: The params runs the repository ships (experiments.export_params with --check_num).
 SHIPPED = ("mnist_unet",)
@@ -108,6 +108,16 @@ def test_export_params_command_writes_the_ema_params_and_refuses_bad_input(tmp_p
     assert shipped.meta["provenance"]["command"].startswith("python -m experiments.export_params")
     assert (shipped.config.data.source, shipped.config.data.path) == ("auto", "")  # no path of this machine
     assert exported["data"] == {"source": "idx", "path": os.path.relpath(tmp_path / "mnist", REPO)}
+
+    # experiments.score_checkpoints reads the params run as a run of one checkpoint
+    idx_dir = write_dir(tmp_path / "idx", make_digits_like(), STD_NAMES, ".gz")
+    scored = run_module("experiments.score_checkpoints", "--workdir", out, "--num", 8, "--batch_size", 8,
+                        "--data_source", "idx", "--data_path", idx_dir, "--out_dir", tmp_path / "eval")
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    (path,) = (tmp_path / "eval").glob("checkpoints_*_n8.json")
+    rows = json.load(open(path))["rows"]
+    assert [r["step"] for r in rows] == [6] and rows[0]["wall_minutes"] == 3.0 / 60
+    assert rows[0]["report"]["num_samples"] == 8
 
     before = {n: os.path.getmtime(out / n) for n in os.listdir(out)}
     cases = [
