@@ -69,6 +69,26 @@ def load_scoring_run(step, prepare=lambda run: None):
     return workdir, out_dir, run, splits, prepared
 
 
+def draw_and_score(run, opts: dict, splits, key, num: int, batch_size: int, seed: int):
+    """``(report, sample_seconds, compile_seconds)``: ``num`` samples of ``run``'s EMA params with
+    sampler ``opts`` from ``key``, compiled first and timed apart, scored against ``splits``
+    (``ddpm_jax.evaluation.evaluate_samples`` with real subsets drawn by ``seed``)."""
+    import time
+
+    import numpy as np
+
+    from ddpm_jax import sampling
+    from ddpm_jax.evaluation import evaluate_samples
+
+    t0 = time.time()
+    fn = run.make_sampler(batch_size, opts).compile(key)
+    compile_seconds = time.time() - t0
+    t0 = time.time()
+    x = sampling.sample_in_batches(fn, num, batch_size, key, progress=False)
+    seconds = time.time() - t0
+    return evaluate_samples(np.asarray(x), splits, scale=run.data_scale, seed=seed), seconds, compile_seconds
+
+
 def define_platform_flag() -> None:
     """--platform: the platform profile an entry point applies first (``ddpm_jax.platform_profile``)."""
     flags.DEFINE_enum("platform", "auto", ["auto", "cpu", "accelerator"], "Platform profile: 'cpu' (glibc malloc "

@@ -15,13 +15,13 @@ e.g. the teacher's deterministic DDIM at 100 steps) gives each student the ratio
 Writes, atomically after each student (a rerun keeps the rows it has), ``<out_dir>/students_n<N>.json``
 (rows as ``study_samplers``' with name ``distilled`` and each stage's record from ``distill.json``:
 grid, training images, forward-equivalents, wall seconds; the distillation's totals and the
-teacher's training compute) and ``fid_vs_nfe_students_n<N>.png`` (``_seed<S>`` added for a seed
-other than 0; ``--out_dir`` defaults to ``<workdir>/eval``).
+teacher's training compute), ``fid_vs_nfe_students_n<N>.png`` (``_seed<S>`` added for a seed
+other than 0) and ``distill_loss.png``, each stage's loss against its steps (``--out_dir``
+defaults to ``<workdir>/eval``).
 """
 
 import json
 import os
-import time
 
 from absl import app, flags
 
@@ -79,6 +79,26 @@ def _plot(out: dict, solvers, path: str) -> None:
                          hlines={"real vs real": rows[0]["report"][key]["floor_train_vs_test"]})
 
 
+def _loss_plot(workdir: str, path: str) -> None:
+    """The distillation loss against the step within each stage, a line per stage (``metrics.jsonl``)."""
+    from ddpm_jax import plots
+
+    series = {}
+    try:
+        with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    except (OSError, ValueError):
+        return
+    for r in rows:
+        if r.get("distill/loss") is not None and r["distill/loss"] > 0:
+            xs, ys = series.setdefault(f"{2 * int(r['distill/stage_steps'])} -> {int(r['distill/stage_steps'])}", ([], []))
+            xs.append(r["distill/step_in_stage"])
+            ys.append(r["distill/loss"])
+    if series:
+        plots.save_line_plot(series, path, xlabel="Adam step within the stage", ylabel="distillation loss (logged mean)",
+                             logy=True, title=f"{os.path.basename(workdir)}: stage by stage")
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -108,11 +128,9 @@ def main(argv):
 
     platform_profile.setup(FLAGS.platform, cpu_devices=FLAGS.cpu_devices, batch_sizes=[FLAGS.batch_size])
     import jax
-    import numpy as np
 
-    from ddpm_jax import data, provenance, sampling
+    from ddpm_jax import data, provenance
     from ddpm_jax.checkpointing import CheckpointError
-    from ddpm_jax.evaluation import evaluate_samples
     from ddpm_jax.files import check_writable, os_error_line, write_json
     from ddpm_jax.runs import load_run
 
@@ -143,13 +161,8 @@ def main(argv):
             continue
         run = runs[n]
         opts = run.sampler_options()
-        t0 = time.time()
-        fn = run.make_sampler(FLAGS.batch_size, opts).compile(key)
-        compile_seconds = time.time() - t0
-        t0 = time.time()
-        x = sampling.sample_in_batches(fn, FLAGS.num, FLAGS.batch_size, key, progress=False)
-        seconds = time.time() - t0
-        report = evaluate_samples(np.asarray(x), splits, scale=run.data_scale, seed=FLAGS.seed)
+        report, seconds, compile_seconds = cli.draw_and_score(run, opts, splits, key, FLAGS.num, FLAGS.batch_size,
+                                                              FLAGS.seed)
         fid = report[_fid_key(report)]["test"]
         row = {"name": "distilled", "nfe": n, "run": provenance.relative(path),
                "stage": next(r for r in distill["stages"] if r["steps"] == n),
@@ -162,6 +175,7 @@ def main(argv):
         try:
             write_json(json_path, out)
             _plot(out, solvers, os.path.join(out_dir, f"fid_vs_nfe_students_{suffix}.png"))
+            _loss_plot(workdir, os.path.join(out_dir, "distill_loss.png"))
         except OSError as e:
             cli.fail(os_error_line(e), cli.EXIT_WRITE_FAILED)
         fids = ", ".join(f"{k[4:]} FID {report[k]['test']:.3f} [floor {report[k]['floor_train_vs_test']:.3f}]"

@@ -22,7 +22,6 @@ them), ``<out_dir>/samplers_n<N>.json`` and ``fid_vs_nfe_n<N>.png``, ``fid_vs_se
 """
 
 import os
-import time
 
 from absl import app, flags
 
@@ -117,10 +116,8 @@ def main(argv):
 
     platform_profile.setup(FLAGS.platform, cpu_devices=FLAGS.cpu_devices, batch_sizes=[FLAGS.batch_size])
     import jax
-    import numpy as np
 
     from ddpm_jax import provenance, sampling
-    from ddpm_jax.evaluation import evaluate_samples
     from ddpm_jax.files import os_error_line, write_json
 
     def prepare(run):
@@ -147,13 +144,8 @@ def main(argv):
     for name, nfe, opts in settings:
         if (name, nfe) in done:
             continue
-        t0 = time.time()
-        fn = run.make_sampler(FLAGS.batch_size, opts).compile(key)
-        compile_seconds = time.time() - t0
-        t0 = time.time()
-        x = sampling.sample_in_batches(fn, FLAGS.num, FLAGS.batch_size, key, progress=False)
-        seconds = time.time() - t0
-        report = evaluate_samples(np.asarray(x), splits, scale=run.data_scale, seed=FLAGS.seed)
+        report, seconds, compile_seconds = cli.draw_and_score(run, opts, splits, key, FLAGS.num, FLAGS.batch_size,
+                                                              FLAGS.seed)
         sampler = {k: v for k, v in opts.items() if k != "clip_x0"}
         out["rows"].append({"name": name, "nfe": nfe, "sampler": sampler, "sample_seconds": seconds,
                             "compile_seconds": compile_seconds, "report": report,

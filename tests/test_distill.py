@@ -374,6 +374,7 @@ def test_sigkill_resumes_bit_for_bit_and_two_devices_agree(teacher_run, tmp_path
     for r in out["rows"]:
         assert r["ratio_to_reference"] == r["report"]["fid_pixel"]["test"] / ref and r["report"]["num_samples"] == 8
     assert out["distillation"]["total"] == report["total"] and (eval_dir / "fid_vs_nfe_students_n8.png").stat().st_size
+    assert (eval_dir / "distill_loss.png").stat().st_size
     other = run_module("experiments.study_distill", "--workdir", tmp_path / "straight", "--num", 16,
                        "--solvers", eval_dir / "samplers_n8.json", "--out_dir", eval_dir)  # refused before JAX starts
     assert other.returncode == 2 and other.stderr.strip().splitlines() == [
