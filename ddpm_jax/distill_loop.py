@@ -46,10 +46,9 @@ from ddpm_jax.files import write_json
 from ddpm_jax.objectives import PREDICTS
 from ddpm_jax.resume import lock_workdir
 from ddpm_jax.run_writer import write_run
-from ddpm_jax.runs import load_run
+from ddpm_jax.runs import is_params_run, load_run, saved_steps
 from ddpm_jax.train_state import create_train_state, make_optimizer
 from ddpm_jax.train_step import padded_size
-from ddpm_jax.run_writer import PARAMS_FILE
 from ddpm_jax.stop_signals import StopSignals
 from ddpm_jax.trainer import NonFiniteError
 from ddpm_jax.workdir import prepare_workdir, set_aside
@@ -106,15 +105,15 @@ def check_settings(s: Settings) -> Dict[str, Any]:
     """Checks everything that can be checked without JAX and writes nothing: the teacher run, the
     stages, the numbers, and a workdir that is empty or holds a distillation of these settings.
     Returns the plan: the teacher's config dict, T, the stage sizes and the resolved settings dict.
-    Raises ValueError / FileNotFoundError with one line."""
+    Raises ValueError / FileNotFoundError (CheckpointError: shipped params with an unreadable
+    meta.json) with one line."""
     teacher = os.path.abspath(os.path.expanduser(s.teacher or ""))
     workdir = os.path.abspath(os.path.expanduser(s.workdir or ""))
-    params_run = os.path.isfile(os.path.join(teacher, PARAMS_FILE))  # shipped params (run_writer.write_params_run)
     if not s.teacher or not os.path.isfile(os.path.join(teacher, "config.json")) \
-            or not (params_run or os.path.isdir(os.path.join(teacher, "checkpoints"))):
+            or not (is_params_run(teacher) or os.path.isdir(os.path.join(teacher, "checkpoints"))):
         raise FileNotFoundError(f"--teacher {teacher}: no training run there (expected config.json and checkpoints/ "
                                 "written by experiments.train, or the params.msgpack of experiments.export_params)")
-    if not params_run and not any(n.isdigit() for n in os.listdir(os.path.join(teacher, "checkpoints"))):
+    if not saved_steps(teacher):
         raise FileNotFoundError(f"--teacher {teacher}: no checkpoint in {os.path.join(teacher, 'checkpoints')}")
     if not s.workdir:
         raise ValueError("--workdir is empty: give a directory for the distillation")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -194,6 +194,33 @@ def _restore(ckpt: Checkpointer, config, step: int):
     return model, image_shape, state, meta
 
 
+def is_params_run(workdir: str) -> bool:
+    """Whether ``workdir`` holds a params run (``run_writer.write_params_run``: ``params.msgpack``
+    and no ``checkpoints/``)."""
+    return not os.path.isdir(os.path.join(workdir, "checkpoints")) and os.path.isfile(os.path.join(workdir, PARAMS_FILE))
+
+
+def _params_meta(workdir: str):
+    """``(meta, image_shape, step)`` of a params run's ``meta.json``; CheckpointError if unreadable."""
+    meta_path = os.path.join(workdir, META_FILE)
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+        return meta, tuple(int(n) for n in meta["image_shape"]), int(meta["step"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{meta_path} is missing or not a params run's meta (step, image_shape): "
+                              f"{type(e).__name__}: {e}") from None
+
+
+def saved_steps(workdir: str) -> List[int]:
+    """The steps :func:`load_run` restores from ``workdir``, ascending: a training run's kept
+    checkpoints, a params run's one step, or none. CheckpointError: a params run's meta is unreadable."""
+    if is_params_run(workdir):
+        return [_params_meta(workdir)[2]]
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    return sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit()) if os.path.isdir(ckpt_dir) else []
+
+
 def load_run(workdir: str, step: Optional[int] = None) -> Run:
     """Restores ``step`` (default: the latest) of the run in ``workdir``: a training run
     (``config.json`` and ``checkpoints/``) or a params run (``config.json``, ``params.msgpack``
@@ -207,7 +234,7 @@ def load_run(workdir: str, step: Optional[int] = None) -> Run:
     workdir = os.path.abspath(os.path.expanduser(workdir))
     cfg = read_config_json(workdir)
     ckpt_dir = os.path.join(workdir, "checkpoints")
-    if cfg is not None and not os.path.isdir(ckpt_dir) and os.path.isfile(os.path.join(workdir, PARAMS_FILE)):
+    if cfg is not None and is_params_run(workdir):
         return _load_params_run(workdir, ml_collections.ConfigDict(cfg), step)
     if cfg is None or not os.path.isdir(ckpt_dir):
         raise FileNotFoundError(f"no training run in {workdir} (expected config.json and checkpoints/ written by experiments.train)")
@@ -239,14 +266,8 @@ def _load_params_run(workdir: str, config, step: Optional[int]) -> Run:
     import flax.traverse_util
     import numpy as np
 
-    meta_path, params_path = os.path.join(workdir, META_FILE), os.path.join(workdir, PARAMS_FILE)
-    try:
-        with open(meta_path, encoding="utf-8") as f:
-            meta = json.load(f)
-        image_shape, saved_step = tuple(int(n) for n in meta["image_shape"]), int(meta["step"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{meta_path} is missing or not a params run's meta (step, image_shape): "
-                              f"{type(e).__name__}: {e}") from None
+    params_path = os.path.join(workdir, PARAMS_FILE)
+    meta, image_shape, saved_step = _params_meta(workdir)
     if step is not None and step != saved_step:
         raise FileNotFoundError(f"{workdir} holds the params of step {saved_step} only, not step {step}")
     model = model_from_config(config.model, image_shape)

@@ -69,6 +69,11 @@ def load_scoring_run(step, prepare=lambda run: None):
     return workdir, out_dir, run, splits, prepared
 
 
+def fid_key(report: dict) -> str:
+    """The FID a study reports and plots: classifier FID for MNIST-shaped images, else pixel FID."""
+    return "fid_classifier" if report.get("fid_classifier") else "fid_pixel"
+
+
 def draw_and_score(run, opts: dict, splits, key, num: int, batch_size: int, seed: int):
     """``(report, sample_seconds, compile_seconds)``: ``num`` samples of ``run``'s EMA params with
     sampler ``opts`` from ``key``, compiled first and timed apart, scored against ``splits``

@@ -63,7 +63,7 @@ def main(argv):
                         log_every_steps=FLAGS.log_every_steps, data_source=FLAGS.data_source, data_path=FLAGS.data_path)
     try:
         plan = check_settings(settings)  # before anything is written or any device is set up
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, CheckpointError) as e:
         cli.fail(e)
     platform_profile.setup(FLAGS.platform, cpu_devices=FLAGS.cpu_devices, batch_sizes=[plan["settings"]["batch_size"]])
     try:

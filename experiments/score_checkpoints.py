@@ -32,26 +32,17 @@ flags.DEFINE_integer("num_steps", None, "DDIM steps (default: the run's config.s
 flags.DEFINE_float("eta", None, "DDIM eta in [0, 1] (default: the run's config.sampling.eta, else 0).")
 
 
-def _kept(workdir: str):
-    """``(where, steps)``: the checkpoint steps a training run kept, or the one step of a params run
-    (``ddpm_jax.run_writer.write_params_run``: shipped params, whose ``meta.json`` names it)."""
-    import json
-
-    from ddpm_jax.run_writer import META_FILE, PARAMS_FILE
-
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(ckpt_dir) and os.path.isfile(os.path.join(workdir, PARAMS_FILE)):
-        try:
-            with open(os.path.join(workdir, META_FILE), encoding="utf-8") as f:
-                return workdir, [int(json.load(f)["step"])]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            cli.fail(f"{os.path.join(workdir, META_FILE)} cannot be read ({e}): the params run is incomplete")
-    return ckpt_dir, sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit()) if os.path.isdir(ckpt_dir) else []
-
-
 def _steps(workdir: str):
-    """The checkpoint steps to score: --steps, each checked to exist, else every kept one."""
-    ckpt_dir, kept = _kept(workdir)
+    """The checkpoint steps to score: --steps, each checked to exist, else every kept one (a params
+    run, ``ddpm_jax.run_writer.write_params_run``, has one)."""
+    from ddpm_jax.checkpointing import CheckpointError
+    from ddpm_jax.runs import saved_steps
+
+    try:
+        kept = saved_steps(workdir)
+    except CheckpointError as e:
+        cli.fail(e)
+    ckpt_dir = os.path.join(workdir, "checkpoints")
     if not FLAGS.steps:
         if not kept:
             cli.fail(f"no checkpoint in {ckpt_dir}")

@@ -53,11 +53,7 @@ def _reference(solvers: dict, spec: str):
     if not rows:
         have = ", ".join(sorted({f"{r['name']}:{r['nfe']}" for r in solvers["rows"]}))
         cli.fail(f"--reference={spec!r}: --solvers has no such row (it has: {have or 'none'})")
-    return name, nfe, rows[0]["report"][_fid_key(rows[0]["report"])]["test"]
-
-
-def _fid_key(report: dict) -> str:
-    return "fid_classifier" if report.get("fid_classifier") else "fid_pixel"
+    return name, nfe, rows[0]["report"][cli.fid_key(rows[0]["report"])]["test"]
 
 
 def _plot(out: dict, solvers, path: str) -> None:
@@ -65,7 +61,7 @@ def _plot(out: dict, solvers, path: str) -> None:
     from ddpm_jax import plots
 
     rows = out["rows"]
-    key = _fid_key(rows[0]["report"])
+    key = cli.fid_key(rows[0]["report"])
     series = {}
     for r in (solvers or {}).get("rows", []):
         xs, ys = series.setdefault(r["name"], ([], []))
@@ -163,7 +159,7 @@ def main(argv):
         opts = run.sampler_options()
         report, seconds, compile_seconds = cli.draw_and_score(run, opts, splits, key, FLAGS.num, FLAGS.batch_size,
                                                               FLAGS.seed)
-        fid = report[_fid_key(report)]["test"]
+        fid = report[cli.fid_key(report)]["test"]
         row = {"name": "distilled", "nfe": n, "run": provenance.relative(path),
                "stage": next(r for r in distill["stages"] if r["steps"] == n),
                "sampler": {k: v for k, v in opts.items() if k != "clip_x0"}, "sample_seconds": seconds,

@@ -82,11 +82,6 @@ def _steps_for(method: str, budget: int) -> int:
     return (budget + 1) // 2 if method == "heun" else budget
 
 
-def _fid_key(report: dict) -> str:
-    """The FID the plots show: classifier FID for MNIST-shaped images, else pixel FID."""
-    return "fid_classifier" if report.get("fid_classifier") else "fid_pixel"
-
-
 def _plots(out: dict, stem: str) -> None:
     """Classifier (else pixel) FID against NFE and against seconds, a line per method."""
     from ddpm_jax import plots
@@ -94,7 +89,7 @@ def _plots(out: dict, stem: str) -> None:
     rows = out["rows"]
     if not rows:
         return
-    key = _fid_key(rows[0]["report"])
+    key = cli.fid_key(rows[0]["report"])
     floor = rows[0]["report"][key]["floor_train_vs_test"]
     names = list(dict.fromkeys(r["name"] for r in rows))
     for x_key, x_label, kind in (("nfe", "network evaluations per sample", "nfe"),
