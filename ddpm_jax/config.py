@@ -309,6 +309,10 @@ def validate_config(config) -> None:
     _float(config, "optim.decay_factor", 0.0, 1.0, low_open=True)
     _int(config, "optim.decay_every_epochs", minimum=0)
     _int(config, "optim.warmup_steps", minimum=0)
+    if "anneal_steps" in _get(config, "optim"):  # absent: 0 (no linear annealing)
+        if _int(config, "optim.anneal_steps", minimum=0) and _get(config, "optim.decay_every_epochs"):
+            raise ConfigError("config.optim.anneal_steps and config.optim.decay_every_epochs are two learning-rate "
+                              "schedules: set one of them to 0")
     _float(config, "optim.grad_clip_norm", low=0.0)
 
     batch = _int(config, "train.batch_size", minimum=1)

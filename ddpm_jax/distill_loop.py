@@ -62,8 +62,13 @@ REPORT_FILE = "distill.json"
 #: Settings a resumed distillation must share with the one that wrote the workdir. ``target_steps``
 #: may change: the stages down to any target are the same, so a lower one continues a finished
 #: distillation with more stages.
-MUST_MATCH = ("teacher", "teacher_steps", "steps_per_stage", "student_param", "learning_rate", "batch_size",
-              "ema_decay", "seed")
+MUST_MATCH = ("teacher", "teacher_steps", "steps_per_stage", "student_param", "learning_rate", "lr_schedule",
+              "batch_size", "ema_decay", "seed")
+#: The value of a setting in a workdir written before the setting existed.
+SAVED_DEFAULTS = {"lr_schedule": "constant"}
+#: ``lr_schedule``: ``constant``, or ``linear`` from ``learning_rate`` to 0 over each stage (the
+#: schedule of the paper's released distillation configs).
+LR_SCHEDULES = ("constant", "linear")
 
 
 def stage_dir_name(num_steps: int) -> str:
@@ -83,6 +88,7 @@ class Settings:
     steps_per_stage: int = 2000
     student_param: str = "v"
     learning_rate: float = 1e-4
+    lr_schedule: str = "constant"
     batch_size: int = 0
     ema_decay: float = 0.999
     seed: int = 0
@@ -146,12 +152,14 @@ def check_settings(s: Settings) -> Dict[str, Any]:
             raise ValueError(f"--{name}={v!r}: must be an integer >= {lo}")
     if not (isinstance(s.learning_rate, (int, float)) and math.isfinite(s.learning_rate) and s.learning_rate > 0):
         raise ValueError(f"--learning_rate={s.learning_rate!r}: must be a number > 0")
+    if s.lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"--lr_schedule={s.lr_schedule!r}: must be one of {list(LR_SCHEDULES)}")
     if not (isinstance(s.ema_decay, (int, float)) and 0.0 <= s.ema_decay < 1.0):
         raise ValueError(f"--ema_decay={s.ema_decay!r}: must be in [0, 1)")
     batch = int(s.batch_size or config["train"]["batch_size"])
     resolved = {"teacher": teacher, "teacher_steps": int(s.teacher_steps), "target_steps": int(s.target_steps),
                 "steps_per_stage": int(s.steps_per_stage), "student_param": s.student_param,
-                "learning_rate": float(s.learning_rate), "batch_size": batch, "ema_decay": float(s.ema_decay),
+                "learning_rate": float(s.learning_rate), "lr_schedule": s.lr_schedule, "batch_size": batch, "ema_decay": float(s.ema_decay),
                 "seed": int(s.seed)}
     if os.path.exists(workdir):
         if not os.path.isdir(workdir):
@@ -159,10 +167,10 @@ def check_settings(s: Settings) -> Dict[str, Any]:
         path = os.path.join(workdir, SETTINGS_FILE)
         if os.path.exists(path):
             saved = _read_json(path)
-            diffs = [k for k in MUST_MATCH if saved.get(k) != resolved[k]]
+            diffs = [k for k in MUST_MATCH if saved.get(k, SAVED_DEFAULTS.get(k)) != resolved[k]]
             if diffs:
                 k = diffs[0]
-                raise ValueError(f"{workdir} holds a distillation with --{k}={saved.get(k)!r}, but this one has "
+                raise ValueError(f"{workdir} holds a distillation with --{k}={saved.get(k, SAVED_DEFAULTS.get(k))!r}, but this one has "
                                  f"--{k}={resolved[k]!r}; use a new --workdir (or the same settings) — nothing was changed")
         elif [n for n in os.listdir(workdir) if n != "train.lock"]:
             raise ValueError(f"--workdir {workdir} is not empty and holds no distillation: give a new or empty directory")
@@ -179,7 +187,8 @@ def distilled_config(teacher_config: Dict[str, Any], settings: Dict[str, Any], n
     ``distillation`` section naming the teacher."""
     cfg = copy.deepcopy(teacher_config)
     cfg["objective"]["name"] = settings["student_param"]
-    cfg["optim"].update(learning_rate=settings["learning_rate"], warmup_steps=0, decay_every_epochs=0)
+    anneal = settings["steps_per_stage"] if settings.get("lr_schedule", "constant") == "linear" else 0
+    cfg["optim"].update(learning_rate=settings["learning_rate"], warmup_steps=0, decay_every_epochs=0, anneal_steps=anneal)
     cfg["train"].update(batch_size=settings["batch_size"], num_steps=settings["steps_per_stage"],
                         ema_decay=settings["ema_decay"], ema="constant", ema_snapshot_sigma_rels=[], t_sampling="uniform",
                         grad_accum_steps=1)

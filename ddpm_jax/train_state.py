@@ -47,14 +47,21 @@ def track_key(sigma_rel: float) -> str:
     return f"sigma_rel_{float(sigma_rel):g}"
 
 
-def make_lr_schedule(base_lr: float, *, steps_per_epoch: int, decay_factor: float = 0.1, decay_every_epochs: int = 0, warmup_steps: int = 0) -> optax.Schedule:
-    """Step decay with optional linear warm-up.
+def make_lr_schedule(base_lr: float, *, steps_per_epoch: int, decay_factor: float = 0.1, decay_every_epochs: int = 0,
+                     warmup_steps: int = 0, anneal_steps: int = 0) -> optax.Schedule:
+    """Step decay or linear annealing, with optional linear warm-up.
 
     lr(s) = base_lr · decay_factor^⌊s / (decay_every_epochs · steps_per_epoch)⌋ (the notebook's
-    StepLR(step_size=20 epochs, gamma=0.1)); during the first ``warmup_steps`` steps it rises
-    linearly from 0 and the decay clock starts after warm-up. ``decay_every_epochs=0``: constant.
+    StepLR(step_size=20 epochs, gamma=0.1)); ``anneal_steps`` > 0 instead: lr(s) = base_lr ·
+    max(0, 1 − s / anneal_steps) (progressive distillation's per-stage schedule). During the first
+    ``warmup_steps`` steps it rises linearly from 0 and the decay clock starts after warm-up.
+    ``decay_every_epochs=0`` and ``anneal_steps=0``: constant.
     """
-    if decay_every_epochs > 0:
+    if decay_every_epochs > 0 and anneal_steps > 0:
+        raise ValueError("decay_every_epochs and anneal_steps are two schedules: set one of them")
+    if anneal_steps > 0:
+        decayed = optax.linear_schedule(base_lr, 0.0, anneal_steps)
+    elif decay_every_epochs > 0:
         decayed = optax.exponential_decay(
             base_lr, transition_steps=decay_every_epochs * steps_per_epoch, decay_rate=decay_factor, staircase=True
         )
@@ -78,6 +85,7 @@ def make_optimizer(optim_config, *, steps_per_epoch: int, params) -> optax.Gradi
         sched = make_lr_schedule(
             lr, steps_per_epoch=steps_per_epoch, decay_factor=c.decay_factor,
             decay_every_epochs=c.decay_every_epochs, warmup_steps=c.warmup_steps,
+            anneal_steps=c.get("anneal_steps", 0),
         )
         return optax.adam(sched, b1=c.b1, b2=c.b2, eps=c.eps)
 

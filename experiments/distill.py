@@ -30,7 +30,9 @@ flags.DEFINE_integer("teacher_steps", 128, "DDIM steps of the first teacher (on 
 flags.DEFINE_integer("target_steps", 4, "DDIM steps of the last student; --teacher_steps / --target_steps must be a power of two.")
 flags.DEFINE_integer("steps_per_stage", 2000, "Adam steps per stage.")
 flags.DEFINE_string("student_param", "v", "What the student predicts: v (the paper's choice), x0 or eps.")
-flags.DEFINE_float("learning_rate", 1e-4, "Adam learning rate of the student (constant).")
+flags.DEFINE_float("learning_rate", 1e-4, "Adam learning rate of the student (the peak of --lr_schedule=linear).")
+flags.DEFINE_enum("lr_schedule", "constant", ["constant", "linear"], "The learning rate within each stage: constant, or "
+                  "linear from --learning_rate to 0 (the paper's released configs; pair it with --ema_decay 0).")
 flags.DEFINE_integer("batch_size", 0, "Global batch (0: the teacher's train.batch_size).")
 flags.DEFINE_float("ema_decay", 0.999, "EMA decay of the student's params (warmed up as in training); the EMA is "
                    "what a stage writes and what teaches the next stage.")
@@ -58,7 +60,8 @@ def main(argv):
 
     settings = Settings(teacher=FLAGS.teacher, workdir=FLAGS.workdir, teacher_steps=FLAGS.teacher_steps,
                         target_steps=FLAGS.target_steps, steps_per_stage=FLAGS.steps_per_stage,
-                        student_param=FLAGS.student_param, learning_rate=FLAGS.learning_rate, batch_size=FLAGS.batch_size,
+                        student_param=FLAGS.student_param, learning_rate=FLAGS.learning_rate,
+                        lr_schedule=FLAGS.lr_schedule, batch_size=FLAGS.batch_size,
                         ema_decay=FLAGS.ema_decay, seed=FLAGS.seed, checkpoint_every_steps=FLAGS.checkpoint_every_steps,
                         log_every_steps=FLAGS.log_every_steps, data_source=FLAGS.data_source, data_path=FLAGS.data_path)
     try:
