@@ -266,6 +266,42 @@ def test_shipped_params_teach_like_their_run(teacher_run, tmp_path):
     assert not (tmp_path / "teacher_params").exists()  # checking writes nothing
 
 
+def test_linear_lr_schedule_anneals_each_stage_and_must_match_to_resume(teacher_run, tmp_path):
+    """--lr_schedule linear puts optim.anneal_steps = steps_per_stage in every stage's config (the
+    student's optimiser is made anew each stage, so the schedule restarts); a workdir whose
+    settings file predates the setting resumes as constant and refuses linear in one line."""
+    import json
+
+    import ml_collections
+
+    from ddpm_jax.config import validate_config
+    from ddpm_jax.distill_loop import SETTINGS_FILE, Settings, check_settings, distilled_config
+
+    teacher = str(teacher_run / "teacher")
+
+    def plan(schedule, work="work"):
+        return check_settings(Settings(teacher=teacher, workdir=str(tmp_path / work), teacher_steps=4, target_steps=1,
+                                       steps_per_stage=6, lr_schedule=schedule))
+
+    for schedule, anneal in (("linear", 6), ("constant", 0)):
+        p = plan(schedule)
+        cfg = distilled_config(p["config"], p["settings"], 2, teacher_rel="teacher", teacher_step=0)
+        assert p["settings"]["lr_schedule"] == schedule and cfg["optim"]["anneal_steps"] == anneal
+        validate_config(ml_collections.ConfigDict(cfg))
+    with pytest.raises(ValueError, match="--lr_schedule='cosine'"):
+        plan("cosine")
+
+    old = dict(plan("constant")["settings"])
+    del old["lr_schedule"]  # a distillation written before the setting existed ran at a constant rate
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / SETTINGS_FILE).write_text(json.dumps(old))
+    assert plan("constant", "old")["settings"]["lr_schedule"] == "constant"
+    with pytest.raises(ValueError) as e:
+        plan("linear", "old")
+    assert "--lr_schedule='constant', but this one has --lr_schedule='linear'" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
 ARGS = ["--teacher_steps", "4", "--steps_per_stage", "6", "--checkpoint_every_steps", "3", "--log_every_steps", "3"]
 
 KILL_AFTER_SAVE = textwrap.dedent(

@@ -88,6 +88,16 @@ def test_lr_schedule_is_the_notebooks_step_decay():
     assert float(ema_decay_at(0, 0.999)) == pytest.approx(0.1) and float(ema_decay_at(10**6, 0.999)) == pytest.approx(0.999)
 
 
+def test_linear_annealing_reaches_zero_after_warm_up_and_excludes_step_decay():
+    sched = make_lr_schedule(0.01, steps_per_epoch=10, warmup_steps=10, anneal_steps=100)
+    np.testing.assert_allclose([float(sched(s)) for s in (0, 5, 10, 60, 110, 500)], [0.0, 0.005, 0.01, 0.005, 0.0, 0.0],
+                               rtol=1e-6, atol=1e-12)
+    with pytest.raises(ValueError, match="set one of them"):
+        make_lr_schedule(0.01, steps_per_epoch=10, decay_every_epochs=2, anneal_steps=100)
+    with pytest.raises(ConfigError, match="two learning-rate schedules"):
+        validate_config(tiny_config("eps", **{"optim.decay_every_epochs": 2, "optim.anneal_steps": 100}))
+
+
 def test_gradient_clipping_is_applied_before_adam():
     """With optim.grad_clip_norm = c, the optimiser equals plain Adam fed clip_by_global_norm(c)
     gradients (checked over two steps whose gradient norms differ, where Adam's output depends
@@ -283,6 +293,7 @@ def test_outputs_written(tmp_path):
         ("model.preset", "huge", "config.model.preset = 'huge'"),
         ("train.ema_decay", 1.0, "config.train.ema_decay = 1.0"),
         ("optim.learning_rate", 0.0, "config.optim.learning_rate = 0.0"),
+        ("optim.anneal_steps", -1, "config.optim.anneal_steps = -1"),
         ("data.scale", "[0,255]", "config.data.scale"),
         ("data.source", "web", "config.data.source = 'web'"),
         ("train.parallel", "fsdp", "config.train.parallel"),
