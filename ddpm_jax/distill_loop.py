@@ -159,18 +159,19 @@ def check_settings(s: Settings) -> Dict[str, Any]:
     batch = int(s.batch_size or config["train"]["batch_size"])
     resolved = {"teacher": teacher, "teacher_steps": int(s.teacher_steps), "target_steps": int(s.target_steps),
                 "steps_per_stage": int(s.steps_per_stage), "student_param": s.student_param,
-                "learning_rate": float(s.learning_rate), "lr_schedule": s.lr_schedule, "batch_size": batch, "ema_decay": float(s.ema_decay),
-                "seed": int(s.seed)}
+                "learning_rate": float(s.learning_rate), "lr_schedule": s.lr_schedule, "batch_size": batch,
+                "ema_decay": float(s.ema_decay), "seed": int(s.seed)}
     if os.path.exists(workdir):
         if not os.path.isdir(workdir):
             raise ValueError(f"--workdir {workdir} exists and is not a directory")
         path = os.path.join(workdir, SETTINGS_FILE)
         if os.path.exists(path):
             saved = _read_json(path)
-            diffs = [k for k in MUST_MATCH if saved.get(k, SAVED_DEFAULTS.get(k)) != resolved[k]]
+            saved = {**SAVED_DEFAULTS, **saved}
+            diffs = [k for k in MUST_MATCH if saved.get(k) != resolved[k]]
             if diffs:
                 k = diffs[0]
-                raise ValueError(f"{workdir} holds a distillation with --{k}={saved.get(k, SAVED_DEFAULTS.get(k))!r}, but this one has "
+                raise ValueError(f"{workdir} holds a distillation with --{k}={saved.get(k)!r}, but this one has "
                                  f"--{k}={resolved[k]!r}; use a new --workdir (or the same settings) — nothing was changed")
         elif [n for n in os.listdir(workdir) if n != "train.lock"]:
             raise ValueError(f"--workdir {workdir} is not empty and holds no distillation: give a new or empty directory")
