@@ -188,7 +188,7 @@ def distilled_config(teacher_config: Dict[str, Any], settings: Dict[str, Any], n
     ``distillation`` section naming the teacher."""
     cfg = copy.deepcopy(teacher_config)
     cfg["objective"]["name"] = settings["student_param"]
-    anneal = settings["steps_per_stage"] if settings.get("lr_schedule", "constant") == "linear" else 0
+    anneal = settings["steps_per_stage"] if settings["lr_schedule"] == "linear" else 0
     cfg["optim"].update(learning_rate=settings["learning_rate"], warmup_steps=0, decay_every_epochs=0, anneal_steps=anneal)
     cfg["train"].update(batch_size=settings["batch_size"], num_steps=settings["steps_per_stage"],
                         ema_decay=settings["ema_decay"], ema="constant", ema_snapshot_sigma_rels=[], t_sampling="uniform",
